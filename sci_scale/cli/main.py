@@ -1,0 +1,185 @@
+"""``sci-scale`` (and ``python -m sci_scale``): one entry point, one sub-command per job.
+
+Sub-commands are thin: they parse arguments, set up logging and call the library. Errors the
+user can fix (config, data, layout) print as one line and exit with status 2; anything else is
+a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sci_scale.config import ConfigError, load_config
+from sci_scale.data.corpus import CorpusError
+from sci_scale.data.pairs import PairDataError
+from sci_scale.train.checkpoint import CheckpointError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
+USER_ERRORS = (ConfigError, CorpusError, PairDataError, CheckpointError, FileNotFoundError)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    from sci_scale.runtime.distributed import read_dist_env
+
+    rank, _, _ = read_dist_env()
+    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname).1s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+    # megatron-core logs every dataset index it builds at INFO; keep its warnings only.
+    logging.getLogger("megatron").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _resolve_config(path: str | None) -> Path | None:
+    if path is None:
+        return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+    return Path(path)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    # A first positional argument holding "=" is an override, not a config file.
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(_resolve_config(config), overrides)
+    from sci_scale.train.trainer import train
+
+    result = train(cfg, resume=args.resume)
+    if result.history:
+        first, last = result.history[0], result.history[-1]
+        logging.getLogger("sci_scale").info(
+            "lm_loss %.4f -> %.4f over steps %d..%d; metrics in %s",
+            first["lm_loss"],
+            last["lm_loss"],
+            first["step"],
+            last["step"],
+            result.run_dir / "metrics.jsonl",
+        )
+    return 0
+
+
+def cmd_pairs_scan(args: argparse.Namespace) -> int:
+    from sci_scale.data.pairs import enumerate_commands, format_scan_line, interpret, scan_split
+
+    out = sys.stdout
+    if args.split == "all":
+        for command in enumerate_commands():
+            out.write(format_scan_line(command, interpret(command)) + "\n")
+    else:
+        for command, actions in scan_split(args.split, args.part, seed=args.seed):
+            out.write(format_scan_line(command, actions) + "\n")
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from sci_scale.data.corpus import iter_jsonl_texts, stdlib_docstrings
+    from sci_scale.data.tokenizer import train_sentencepiece
+
+    if args.input:
+        texts = [t for path in args.input for t in iter_jsonl_texts(path, args.text_key)]
+    else:
+        texts = stdlib_docstrings()
+    if not texts:
+        raise CorpusError("no text to train on: the input is empty")
+    model = train_sentencepiece(
+        texts, args.out, vocab_size=args.vocab_size, model_type=args.model_type, seed=args.seed
+    )
+    logging.getLogger("sci_scale").info(
+        "trained a %d-piece %s tokenizer on %d documents -> %s",
+        args.vocab_size,
+        args.model_type,
+        len(texts),
+        model,
+    )
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from sci_scale.data.corpus import iter_jsonl_texts
+    from sci_scale.data.indexed import tokenize_documents, write_indexed_dataset
+    from sci_scale.data.tokenizer import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer(args.tokenizer)
+    texts = (t for path in args.input for t in iter_jsonl_texts(path, args.text_key))
+    docs, tokens = write_indexed_dataset(
+        tokenize_documents(texts, tokenizer, append_eod=True), args.out, tokenizer.vocab_size
+    )
+    logging.getLogger("sci_scale").info(
+        "%d documents, %d tokens -> %s.{bin,idx}", docs, tokens, args.out
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sci_scale import __version__
+    from sci_scale.data.pairs import SCAN_SPLITS
+
+    parser = argparse.ArgumentParser(
+        prog="sci-scale",
+        description="Megatron-core GPT pretraining with a structural (SCI) branch and SCL.",
+    )
+    parser.add_argument("--version", action="version", version=f"sci-scale {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (default config: configs/tiny.yaml)")
+    train.add_argument("config", nargs="?", help="YAML config (default: configs/tiny.yaml)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from run.dir's latest checkpoint"
+    )
+    train.set_defaults(func=cmd_train)
+
+    pairs = sub.add_parser("pairs", help="structural pair data")
+    pairs_sub = pairs.add_subparsers(dest="pairs_command", required=True)
+    scan = pairs_sub.add_parser(
+        "scan", help="print a SCAN split as 'IN: <command> OUT: <actions>' lines"
+    )
+    scan.add_argument("--split", required=True, choices=[*SCAN_SPLITS, "all"])
+    scan.add_argument("--part", choices=["train", "test"], default="train")
+    scan.add_argument("--seed", type=int, default=0, help="seed of the simple split and order")
+    scan.set_defaults(func=cmd_pairs_scan)
+
+    tok = sub.add_parser("tokenizer", help="tokenizers")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    tok_train = tok_sub.add_parser(
+        "train", help="train a sentencepiece tokenizer (default corpus: stdlib docstrings)"
+    )
+    tok_train.add_argument("--input", nargs="*", default=[], help="JSONL files (default: built-in)")
+    tok_train.add_argument("--text-key", default="text")
+    tok_train.add_argument("--out", required=True, help="output prefix; writes PREFIX.model")
+    tok_train.add_argument("--vocab-size", type=int, default=2048)
+    tok_train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    tok_train.add_argument("--seed", type=int, default=0)
+    tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    pre = sub.add_parser("preprocess", help="JSONL corpus -> megatron indexed dataset (.bin/.idx)")
+    pre.add_argument("--input", nargs="+", required=True, help="JSONL files")
+    pre.add_argument("--text-key", default="text")
+    pre.add_argument("--tokenizer", required=True, help="sentencepiece .model")
+    pre.add_argument("--out", required=True, help="output prefix")
+    pre.set_defaults(func=cmd_preprocess)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"sci-scale {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sci-scale: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,21 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides, validation."""
+
+from sci_scale.config.loader import (
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    validate,
+)
+from sci_scale.config.schema import Config
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "validate",
+]

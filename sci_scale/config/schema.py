@@ -1,0 +1,149 @@
+"""The run configuration as typed dataclasses.
+
+One tree of dataclasses is the single source of truth for every knob: YAML files and
+``key.sub=value`` overrides are checked against it (see ``loader``), so a typo is an error
+that names the valid keys instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+SciMode = Literal["joint", "frozen", "sci_only", "off"]
+Pooling = Literal["mean", "last", "attention"]
+Dtype = Literal["fp32", "bf16"]
+
+
+@dataclass
+class RunSection:
+    """Where a run writes checkpoints, ``metrics.jsonl``, plots and its data cache."""
+
+    dir: str = "runs/tiny"
+    name: str = "tiny"
+
+
+@dataclass
+class ModelSection:
+    """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int | None = None  # None: Llama's rule, 8/3 * hidden rounded up to 64
+    seq_length: int = 256
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = True
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    make_vocab_size_divisible_by: int = 64
+    params_dtype: Dtype = "fp32"
+
+
+@dataclass
+class SciSection:
+    """The structural encoder branch and its contrastive loss (DESIGN.md, 'The SCI branch')."""
+
+    mode: SciMode = "joint"
+    fuse: bool = True
+    fuse_layer: int = 1
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: int | None = None
+    pooling: Pooling = "mean"
+    embed_dim: int = 64
+    tau: float = 0.1
+    learnable_tau: bool = False
+    tau_min: float = 0.01
+    tau_max: float = 1.0
+    alpha: float = 0.05
+    alpha_warmup_steps: int = 0
+    lr_scale: float = 1.0
+
+
+@dataclass
+class DataSection:
+    """Corpus, tokenizer and the structural pairs mixed into ``pair_rate`` of the blocks."""
+
+    corpus: Literal["stdlib_docstrings", "jsonl"] = "stdlib_docstrings"
+    corpus_paths: list[str] = field(default_factory=list)
+    text_key: str = "text"
+    max_docs: int | None = None
+    tokenizer: str | None = None  # a sentencepiece .model; None: train one on the corpus
+    tokenizer_vocab_size: int = 2048
+    tokenizer_model_type: Literal["bpe", "unigram"] = "bpe"
+    cache_dir: str | None = None  # None: RUN_DIR/data
+    split: str = "98,1,1"
+    pair_rate: float = 0.05
+    pair_sources: list[str] = field(default_factory=lambda: ["scan", "arithmetic"])
+    scan_split: str = "simple"
+    arithmetic_per_template: int = 40
+    cogs_path: str | None = None
+    user_pairs_path: str | None = None
+    examples_per_template: int = 2
+
+
+@dataclass
+class TrainSection:
+    """Optimisation: AdamW, warm-up + cosine learning rate, clipping, accumulation, eval."""
+
+    steps: int = 300
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    seed: int = 1234
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 4
+
+
+@dataclass
+class ParallelSection:
+    """Tensor x pipeline x data parallel layout; data parallelism comes from the world size."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    zero_stage: int = 0
+
+
+@dataclass
+class CheckpointSection:
+    """How often to save and how many checkpoints to keep (the newest are kept)."""
+
+    interval: int = 100
+    keep_last: int = 2
+    save_final: bool = True
+
+
+@dataclass
+class LoggingSection:
+    """Console, JSONL and wandb (offline unless a mode says otherwise; never logs secrets)."""
+
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "sci-scale"
+    console: bool = True
+
+
+@dataclass
+class Config:
+    """The whole run configuration."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    sci: SciSection = field(default_factory=SciSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)

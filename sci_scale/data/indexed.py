@@ -1,0 +1,149 @@
+"""Tokenized corpora in megatron's .bin/.idx format, written and opened safely.
+
+Writing goes through megatron-core's own ``IndexedDatasetBuilder`` so that the files are exactly
+what its ``IndexedDataset``/``GPTDataset`` read. The builder writes in place, though, and a
+crash would leave a plausible-looking pair behind; callers (and other ranks) treat an existing
+``.idx`` as "dataset ready". So the builder writes to temporary files and they are renamed with
+the ``.idx`` last. Opening checks the sizes the ``.idx`` implies against the ``.bin``, because
+megatron memory-maps a truncated ``.bin`` without complaint and fails much later, far from the
+cause.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy
+from megatron.core.datasets.indexed_dataset import (
+    DType,
+    IndexedDataset,
+    IndexedDatasetBuilder,
+    get_bin_path,
+    get_idx_path,
+)
+
+# The .idx header: magic, version (<Q), dtype code (<B), sequence count (<Q), document count (<Q).
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = struct.Struct("<9sQBQQ")
+
+
+def _as_document(doc: Sequence[int] | numpy.ndarray, index: int, vocab_size: int) -> numpy.ndarray:
+    """Validate one document: the builder casts silently, so an out-of-range id would wrap."""
+    arr = numpy.asarray(doc)
+    if arr.size == 0:
+        return arr
+    if arr.ndim != 1 or not numpy.issubdtype(arr.dtype, numpy.integer):
+        raise ValueError(
+            f"document {index}: expected a 1-D sequence of integer ids, got {arr.dtype} "
+            f"of shape {arr.shape}"
+        )
+    low, high = int(arr.min()), int(arr.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"document {index}: ids span [{low}, {high}], outside [0, {vocab_size})")
+    return arr
+
+
+def write_indexed_dataset(
+    documents: Iterable[Sequence[int] | numpy.ndarray], prefix: str | Path, vocab_size: int
+) -> tuple[int, int]:
+    """Write ``<prefix>.bin`` and ``<prefix>.idx``; returns (documents, tokens) written.
+
+    Empty documents are skipped, as megatron's preprocessing does; a dataset with no tokens at
+    all is an error, since megatron cannot memory-map an empty ``.bin``. If anything fails
+    (including the ``documents`` iterator), the files at ``prefix`` are left as they were.
+    """
+    prefix = str(prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp_bin, tmp_idx = get_bin_path(tmp), get_idx_path(tmp)
+    builder = IndexedDatasetBuilder(tmp_bin, dtype=DType.optimal_dtype(vocab_size))
+    n_docs = n_tokens = 0
+    try:
+        for index, doc in enumerate(documents):
+            arr = _as_document(doc, index, vocab_size)
+            if arr.size == 0:
+                continue
+            builder.add_document(arr, [arr.size])
+            n_docs += 1
+            n_tokens += arr.size
+        if n_tokens == 0:
+            raise ValueError(f"{prefix}: no tokens to write (every document was empty)")
+        builder.finalize(tmp_idx)
+        # Without the old .idx the target reads as absent, never as old index + new data.
+        Path(get_idx_path(prefix)).unlink(missing_ok=True)
+        os.replace(tmp_bin, get_bin_path(prefix))
+        os.replace(tmp_idx, get_idx_path(prefix))
+    except BaseException:
+        builder.data_file.close()
+        Path(tmp_bin).unlink(missing_ok=True)
+        Path(tmp_idx).unlink(missing_ok=True)
+        raise
+    return n_docs, n_tokens
+
+
+def _check_consistent(prefix: str, idx_path: str, bin_path: str) -> None:
+    """Raise ValueError unless the .idx is well formed and the .bin has the size it implies."""
+    idx_size = os.path.getsize(idx_path)
+    if idx_size < _IDX_HEADER.size:
+        raise ValueError(f"{idx_path}: {idx_size} bytes, too short for an index header")
+    with open(idx_path, "rb") as stream:
+        magic, version, code, n_seq, n_doc = _IDX_HEADER.unpack(stream.read(_IDX_HEADER.size))
+    if magic != _IDX_MAGIC or version != 1:
+        raise ValueError(f"{idx_path}: not a megatron indexed-dataset index (version 1)")
+    try:
+        itemsize = DType.size(code)
+    except ValueError:
+        raise ValueError(f"{idx_path}: unknown token dtype code {code}") from None
+    # sequence lengths (int32), sequence pointers (int64), document indices (int64)
+    expected_idx = _IDX_HEADER.size + n_seq * (4 + 8) + n_doc * 8
+    if idx_size != expected_idx:
+        raise ValueError(
+            f"{idx_path}: {idx_size} bytes, but its header ({n_seq} sequences, {n_doc} document "
+            f"boundaries) implies {expected_idx}; the index is truncated or corrupt"
+        )
+    lengths = numpy.fromfile(idx_path, numpy.int32, count=n_seq, offset=_IDX_HEADER.size)
+    doc_end = numpy.fromfile(idx_path, numpy.int64, count=1, offset=expected_idx - 8)
+    if n_doc == 0 or int(doc_end[0]) != n_seq or (lengths < 0).any():
+        raise ValueError(f"{idx_path}: document indices do not match the sequence count")
+    expected_bin = int(lengths.sum(dtype=numpy.int64)) * itemsize
+    bin_size = os.path.getsize(bin_path)
+    if expected_bin == 0:
+        raise ValueError(f"indexed dataset {prefix} holds no tokens")
+    if bin_size != expected_bin:
+        raise ValueError(
+            f"{bin_path}: {bin_size} bytes, but {idx_path} describes {expected_bin} "
+            f"({expected_bin // itemsize} tokens of {itemsize} bytes); the .bin is truncated "
+            "or belongs to another dataset"
+        )
+
+
+def open_indexed_dataset(prefix: str | Path) -> IndexedDataset:
+    """Megatron's ``IndexedDataset`` at ``prefix``, after checking that the pair is whole."""
+    prefix = str(prefix)
+    idx_path, bin_path = get_idx_path(prefix), get_bin_path(prefix)
+    missing = [p for p in (bin_path, idx_path) if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"indexed dataset {prefix}: missing {', '.join(missing)}")
+    _check_consistent(prefix, idx_path, bin_path)
+    return IndexedDataset(prefix, multimodal=False, mmap=True)
+
+
+def tokenize_documents(
+    texts: Iterable[str], tokenizer: Any, append_eod: bool = True
+) -> Iterator[list[int]]:
+    """One id list per text, lazily, ending in ``eod`` so packed documents stay delimited.
+
+    The output is one-to-one with the input: with ``append_eod`` even an empty text gives
+    ``[eod]``, so document i of the written dataset is text i.
+    """
+    eod = tokenizer.eod
+    for text in texts:
+        ids = list(tokenizer.tokenize(text))
+        if append_eod:
+            ids.append(eod)
+        yield ids

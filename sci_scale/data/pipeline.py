@@ -1,0 +1,283 @@
+"""From config to training blocks: corpus, tokenizer, indexed dataset, pairs, the 5% blend.
+
+Every artefact is cached under ``data.cache_dir`` (default ``RUN_DIR/data``) under a name derived
+from its inputs, so a second run, a resume or another rank reuses it, and a changed input builds
+a new one. Rank 0 builds; the others wait at a barrier and read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+from megatron.core.datasets.blended_dataset import BlendedDataset
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.utils import Split
+
+from sci_scale.config.schema import Config
+from sci_scale.data.blocks import BlockStream, PairBlockDataset, TokenizedExample, template_id
+from sci_scale.data.corpus import iter_jsonl_texts, stdlib_docstrings
+from sci_scale.data.indexed import tokenize_documents, write_indexed_dataset
+from sci_scale.data.pairs import (
+    Example,
+    arithmetic_examples,
+    cogs_examples,
+    load_pair_examples,
+    scan_examples,
+    user_examples,
+)
+from sci_scale.data.pairs.scan import ACTIONS as SCAN_ACTIONS
+from sci_scale.data.pairs.scan import TURNS as SCAN_TURNS
+from sci_scale.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataBundle:
+    tokenizer: SentencePieceTokenizer
+    train: BlendedDataset | BlockStream  # a BlockStream alone when pair_rate == 0
+    valid_corpus: BlockStream
+    heldout_pairs: PairBlockDataset | None
+    pair_rate_realised: float
+    num_train_pairs: int
+    num_heldout_pairs: int
+    cache_dir: Path
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _digest(*parts: object) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def corpus_texts(cfg: Config) -> list[str]:
+    d = cfg.data
+    if d.corpus == "stdlib_docstrings":
+        texts = stdlib_docstrings(max_docs=d.max_docs)
+    else:
+        texts = [t for path in d.corpus_paths for t in iter_jsonl_texts(path, d.text_key)]
+        if d.max_docs is not None:
+            texts = texts[: d.max_docs]
+    if not texts:
+        raise ValueError("the corpus is empty: no documents were read")
+    return texts
+
+
+def pair_examples(cfg: Config) -> tuple[list[Example], list[Example]]:
+    """(training, held-out) structural examples of the configured sources.
+
+    The held-out side (SCAN test part, held-out arithmetic templates, COGS dev, user lines whose
+    split is not ``train``) is only ever used for evaluation.
+    """
+    d, seed = cfg.data, cfg.train.seed
+    train = load_pair_examples(
+        d.pair_sources,
+        seed=seed,
+        scan_split=d.scan_split,
+        arithmetic_per_template=d.arithmetic_per_template,
+        cogs_path=d.cogs_path,
+        user_pairs_path=d.user_pairs_path,
+    )
+    heldout: list[Example] = []
+    for source in d.pair_sources:
+        if source == "scan":
+            heldout += scan_examples(d.scan_split, seed=seed, part="test")
+        elif source == "arithmetic":
+            heldout += arithmetic_examples(d.arithmetic_per_template, seed=seed, part="test")
+        elif source == "cogs" and d.cogs_path and (Path(d.cogs_path) / "dev.tsv").is_file():
+            heldout += cogs_examples(Path(d.cogs_path) / "dev.tsv", split="test")
+        elif source == "user" and d.user_pairs_path:
+            heldout += [e for e in user_examples(d.user_pairs_path) if e.split != "train"]
+    return [e for e in train if e.split == "train"], heldout
+
+
+def _pair_symbols(sources: list[str]) -> list[str]:
+    """SCAN's action names as single pieces: an action sequence is then one token per action."""
+    if "scan" not in sources:
+        return []
+    return sorted(set(SCAN_ACTIONS.values()) | set(SCAN_TURNS.values()))
+
+
+def _tokenizer(cfg: Config, cache: Path, texts: list[str], train_pairs: list[Example]):
+    d = cfg.data
+    if d.tokenizer is not None:
+        return SentencePieceTokenizer(d.tokenizer)
+    train_pair_texts = [e.text for e in train_pairs]
+    key = _digest(
+        "spm",
+        _pair_symbols(d.pair_sources),
+        d.tokenizer_vocab_size,
+        d.tokenizer_model_type,
+        hashlib.sha256("\n".join(texts + train_pair_texts).encode("utf-8")).hexdigest(),
+    )
+    prefix = cache / f"tokenizer-{key}"
+    model = prefix.with_suffix(".model")
+    if _is_main() and not model.exists():
+        log.info("training a %d-piece sentencepiece tokenizer", d.tokenizer_vocab_size)
+        # Pair texts are a small share of the corpus; include them so that their vocabulary
+        # (action names, numbers) tokenizes sensibly.
+        train_sentencepiece(
+            texts + train_pair_texts,
+            prefix,
+            vocab_size=d.tokenizer_vocab_size,
+            model_type=d.tokenizer_model_type,
+            seed=cfg.train.seed,
+            extra_symbols=_pair_symbols(d.pair_sources),
+        )
+    _barrier()
+    return SentencePieceTokenizer(model)
+
+
+def _corpus_prefix(cache: Path, texts: list[str], tokenizer: SentencePieceTokenizer) -> Path:
+    key = _digest(
+        "corpus",
+        tokenizer.unique_identifiers,
+        hashlib.sha256("\x1e".join(texts).encode("utf-8")).hexdigest(),
+    )
+    prefix = cache / f"corpus-{key}"
+    if _is_main() and not prefix.with_suffix(".idx").exists():
+        docs, tokens = write_indexed_dataset(
+            tokenize_documents(texts, tokenizer, append_eod=True), prefix, tokenizer.vocab_size
+        )
+        log.info("corpus: %d documents, %d tokens -> %s.{bin,idx}", docs, tokens, prefix)
+    _barrier()
+    return prefix
+
+
+def tokenize_examples(
+    examples: list[Example], tokenizer: SentencePieceTokenizer
+) -> list[TokenizedExample]:
+    out = []
+    for ex in examples:
+        ids = [*tokenizer.tokenize(ex.text), tokenizer.eod]
+        out.append(
+            TokenizedExample(np.asarray(ids, dtype=np.int64), template_id(ex.template), ex.source)
+        )
+    return out
+
+
+def num_train_samples(cfg: Config) -> int:
+    return cfg.train.steps * cfg.train.global_batch_size
+
+
+def num_eval_samples(cfg: Config) -> int:
+    evals = cfg.train.steps // cfg.train.eval_interval + 1
+    return max(1, evals) * cfg.train.eval_batches * cfg.train.micro_batch_size
+
+
+def build_data(cfg: Config, run_dir: Path) -> DataBundle:
+    """Everything the trainer reads, built once and cached."""
+    d, seed, seq = cfg.data, cfg.train.seed, cfg.model.seq_length
+    cache = Path(d.cache_dir) if d.cache_dir else run_dir / "data"
+    cache.mkdir(parents=True, exist_ok=True)
+    texts = corpus_texts(cfg)
+    train_pairs, heldout_pairs = pair_examples(cfg) if d.pair_sources else ([], [])
+    tokenizer = _tokenizer(cfg, cache, texts, train_pairs)
+    prefix = _corpus_prefix(cache, texts, tokenizer)
+
+    n_train = num_train_samples(cfg)
+    n_valid = num_eval_samples(cfg)
+    r = d.pair_rate
+    corpus_needed = math.ceil(n_train * (1 - r) * 1.01) + 1
+    gpt_config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq,
+        blend=([str(prefix)], None),
+        split=d.split,
+        path_to_cache=str(cache / "index"),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    train_gpt, valid_gpt, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [corpus_needed, n_valid, 0], lambda: True, gpt_config
+    ).build()
+    train_corpus = BlockStream(train_gpt, Split.train, "corpus")
+    valid_corpus = BlockStream(valid_gpt, Split.valid, "corpus")
+
+    train_examples = tokenize_examples(train_pairs, tokenizer)
+    heldout_examples = tokenize_examples(heldout_pairs, tokenizer)
+    heldout = None
+    if heldout_examples:
+        try:
+            heldout = PairBlockDataset(
+                heldout_examples,
+                seq,
+                tokenizer.pad,
+                n_valid,
+                seed + 1,
+                d.examples_per_template,
+                name="heldout pairs",
+            )
+        except ValueError as exc:
+            log.warning("no held-out pair blocks: %s", exc)
+
+    if r == 0 or not train_examples:
+        if r > 0:
+            log.warning("data.pair_rate=%s but no training pairs were generated", r)
+        return DataBundle(
+            tokenizer,
+            train_corpus,
+            valid_corpus,
+            heldout,
+            0.0,
+            len(train_examples),
+            len(heldout_examples),
+            cache,
+        )
+
+    pairs_needed = math.ceil(n_train * r * 1.01) + 1
+    pair_ds = PairBlockDataset(
+        train_examples,
+        seq,
+        tokenizer.pad,
+        pairs_needed,
+        seed,
+        d.examples_per_template,
+        name="train pairs",
+    )
+    train = BlendedDataset(
+        [train_corpus, BlockStream(pair_ds, Split.train, "pairs")],
+        [1.0 - r, r],
+        n_train,
+        gpt_config,
+    )
+    realised = float(np.mean(train.dataset_index == 1))
+    log.info(
+        "pair blocks: %d templates from %s; realised pair-block rate %.4f (target %.4f)",
+        pair_ds.num_templates,
+        ", ".join(pair_ds.sources),
+        realised,
+        r,
+    )
+    return DataBundle(
+        tokenizer,
+        train,
+        valid_corpus,
+        heldout,
+        realised,
+        len(train_examples),
+        len(heldout_examples),
+        cache,
+    )

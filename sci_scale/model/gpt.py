@@ -1,0 +1,246 @@
+"""The one model: megatron-core's ``GPTModel`` (Llama-style) with the SCI branch beside it.
+
+The backbone is megatron's own ``GPTModel``, built from a layer spec, untouched. The SCI branch
+reads the shared embedding output and joins the residual stream at layer ``sci.fuse_layer``
+through a forward pre-hook on that layer: megatron's ``TransformerBlock`` offers no injection
+point, and a hook keeps its forward, its activation recomputation and the pipeline schedules
+exactly as megatron ships them. The SCL gradient rides on the same hidden states (see
+``losses.aux``), so only the first pipeline stage ever sees the branch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.enums import ModelType
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from sci_scale.config.schema import Config
+from sci_scale.losses.aux import attach_aux_loss
+from sci_scale.losses.scl import SCLOutput, Temperature, supervised_contrastive_loss
+from sci_scale.model.sci_branch import SCIBranch
+from sci_scale.model.specs import select_layer_spec
+
+log = logging.getLogger(__name__)
+
+
+def llama_ffn_size(hidden: int, multiple_of: int = 64) -> int:
+    """Llama's SwiGLU width: 2/3 of 4h, rounded up to a multiple."""
+    size = int(8 * hidden / 3)
+    return multiple_of * math.ceil(size / multiple_of)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Megatron pads the vocabulary so every tensor-parallel shard has the same width."""
+    multiple = divisible_by * tensor_parallel
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+def backbone_transformer_config(cfg: Config) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    dtype = torch.bfloat16 if m.params_dtype == "bf16" else torch.float32
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size or llama_ffn_size(m.hidden_size),
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        # Identical weights on every TP layout (and CPU-friendly): draw the full matrix, then shard.
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=m.params_dtype == "bf16",
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        batch_p2p_sync=False,
+    )
+
+
+@dataclass
+class SCIStepRecord:
+    """What one micro-batch's SCI branch produced, for logging."""
+
+    scl: float
+    num_anchors: int
+    pos_cos: float
+    neg_cos: float
+
+
+class SCIGPTModel(MegatronModule):
+    """megatron ``GPTModel`` + SCI branch + SCL. ``sci.mode == "off"`` builds no branch."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        vocab_size: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        use_te: bool | None = None,
+    ) -> None:
+        config = backbone_transformer_config(cfg)
+        super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.pre_process, self.post_process = pre_process, post_process
+        spec, self.spec_name = select_layer_spec(use_te=use_te)
+        self.gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(
+                vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor
+            ),
+            max_sequence_length=cfg.model.seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.model.rotary_base),
+            parallel_output=True,
+        )
+        s = cfg.sci
+        self.sci: SCIBranch | None = None
+        if s.mode != "off" and pre_process:
+            self.sci = SCIBranch(s, config, use_te=use_te)
+            self.temperature = Temperature(s.tau, s.learnable_tau, s.tau_min, s.tau_max)
+            if s.fuse_layer > 0:
+                layer = self.gpt.decoder.layers[s.fuse_layer]
+                layer.register_forward_pre_hook(self._inject_hook, with_kwargs=True)
+        self.scl_scale = 0.0  # alpha / num_microbatches, set by the trainer every step
+        self.records: list[SCIStepRecord] = []
+        self._pending: tuple[Tensor | None, SCLOutput | None] | None = None
+        self.apply_mode()
+
+    # -- modes ---------------------------------------------------------------------------
+    def apply_mode(self) -> None:
+        """Freeze what ``sci.mode`` says is fixed."""
+        mode = self.cfg.sci.mode
+        if self.sci is None:
+            return
+        if mode == "sci_only":
+            for p in self.gpt.parameters():
+                p.requires_grad_(False)
+        if mode == "frozen":
+            for module in (self.sci.proj_in, self.sci.encoder, self.sci.head, self.temperature):
+                for p in module.parameters():
+                    p.requires_grad_(False)
+            if self.cfg.sci.pooling == "attention":
+                self.sci.pool_query.requires_grad_(False)
+
+    @property
+    def scl_trains(self) -> bool:
+        return self.sci is not None and self.cfg.sci.mode in ("joint", "sci_only")
+
+    @property
+    def lm_trains(self) -> bool:
+        return self.cfg.sci.mode != "sci_only"
+
+    # -- megatron hooks ------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor: Any) -> None:
+        self.gpt.set_input_tensor(input_tensor)
+
+    def _inject(self, hidden: Tensor) -> Tensor:
+        if self._pending is None:
+            return hidden
+        fusion, scl = self._pending
+        self._pending = None
+        if fusion is not None:
+            hidden = hidden + fusion
+        if scl is not None and self.scl_trains and scl.num_anchors > 0:
+            hidden = attach_aux_loss(hidden, scl.loss, self.scl_scale)
+        return hidden
+
+    def _inject_hook(
+        self, _module: torch.nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = self._inject(kwargs["hidden_states"])
+        else:
+            args = (self._inject(args[0]), *args[1:])
+        return args, kwargs
+
+    # -- forward -------------------------------------------------------------------------
+    def _run_sci(
+        self, embeddings: Tensor, example_ids: Tensor, template_ids: Tensor | None
+    ) -> tuple[Tensor | None, SCLOutput | None]:
+        assert self.sci is not None
+        has_pairs = template_ids is not None and bool((template_ids >= 0).any())
+        if not self.cfg.sci.fuse and not has_pairs:
+            return None, None  # nothing to fuse and nothing to contrast: skip the branch
+        states = self.sci.encode(embeddings, example_ids)
+        fusion = self.sci.fusion(states) if self.cfg.sci.fuse else None
+        scl = None
+        if has_pairs:
+            assert template_ids is not None
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.scl_trains):
+                z, templates = self.sci.embed(states, example_ids, template_ids)
+                scl = supervised_contrastive_loss(z, templates, self.temperature())
+            if scl.num_anchors > 0:
+                self.records.append(
+                    SCIStepRecord(
+                        float(scl.loss.detach()), scl.num_anchors, scl.pos_cos, scl.neg_cos
+                    )
+                )
+        return fusion, scl
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        labels: Tensor | None = None,
+        loss_mask: Tensor | None = None,
+        example_ids: Tensor | None = None,
+        template_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Per-token LM loss [b, s] with labels, else logits [b, s, vocab_padded / tp]."""
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.gpt.embedding(input_ids=input_ids, position_ids=position_ids)
+            if self.sci is not None:
+                if example_ids is None:
+                    example_ids = torch.zeros_like(input_ids)
+                self._pending = self._run_sci(decoder_input, example_ids, template_ids)
+                if self.cfg.sci.fuse_layer == 0:
+                    decoder_input = self._inject(decoder_input)
+        try:
+            return self.gpt(
+                input_ids,
+                position_ids,
+                attention_mask=None,
+                decoder_input=decoder_input,
+                labels=labels,
+                loss_mask=loss_mask,
+            )
+        finally:
+            self._pending = None
+
+    def take_records(self) -> list[SCIStepRecord]:
+        records, self.records = self.records, []
+        return records
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)

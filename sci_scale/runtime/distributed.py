@@ -1,0 +1,88 @@
+"""Process groups, megatron ``parallel_state`` and seeding.
+
+A single process (the CPU demo, tests) still gets a real one-rank process group, so the code
+path is the one torchrun and Slurm jobs take. Ranks come from torchrun's variables or, when
+absent, from Slurm's (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from sci_scale.runtime.cpu_compat import apply_cpu_compat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def read_dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun, else Slurm, else a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def init_distributed(tensor: int = 1, pipeline: int = 1) -> DistEnv:
+    """Initialise torch.distributed and megatron's tensor/pipeline/data groups."""
+    apply_cpu_compat()
+    rank, world, local_rank = read_dist_env()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if tensor * pipeline > world or world % (tensor * pipeline) != 0:
+        raise ValueError(
+            f"parallel layout does not fit: parallel.tensor ({tensor}) x parallel.pipeline "
+            f"({pipeline}) = {tensor * pipeline} must divide the world size ({world})"
+        )
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            store = dist.HashStore()
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline
+        )
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, backend=backend)
+
+
+def destroy_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy, torch and megatron's model-parallel RNG tracker."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def data_parallel_size() -> int:
+    return parallel_state.get_data_parallel_world_size()

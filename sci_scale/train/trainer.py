@@ -1,0 +1,367 @@
+"""The training loop: megatron's forward-backward schedule, AdamW, eval, checkpoints, logging.
+
+One step = ``global_batch_size / (micro_batch_size * dp)`` micro-batches through
+``get_forward_backward_func()`` (gradients accumulate), then clipping and one AdamW update. The
+data position is a consumed-sample count, the learning rate and SCL weight are functions of the
+step, and every RNG is checkpointed, so ``--resume`` reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from sci_scale.config import Config, ConfigError, config_to_dict
+from sci_scale.data.loader import MicroBatches
+from sci_scale.data.pipeline import DataBundle, build_data
+from sci_scale.data.tokenizer import tokenizer_identity
+from sci_scale.losses.scl import alpha_at
+from sci_scale.model.gpt import SCIGPTModel
+from sci_scale.runtime.distributed import (
+    destroy_distributed,
+    init_distributed,
+    seed_everything,
+)
+from sci_scale.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    RunState,
+    latest_checkpoint,
+)
+from sci_scale.train.metrics import MetricsSink
+from sci_scale.train.optim import build_optimizer, lr_at, set_lr
+from sci_scale.train.step import BatchCounter, make_forward_step, mean_of
+
+log = logging.getLogger("sci_scale.train")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None
+    wall_time_s: float = 0.0
+    pair_rate_realised: float = 0.0
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _sci_summary(records: list) -> dict[str, float]:
+    """Anchor-weighted means over micro-batches; a cosine a micro-batch could not measure
+    (no negative in it, say) is left out rather than turning the mean into NaN."""
+    if not records:
+        return {}
+
+    def avg(attr: str) -> float:
+        pairs = [(getattr(r, attr), r.num_anchors) for r in records]
+        pairs = [(v, w) for v, w in pairs if math.isfinite(v)]
+        total = sum(w for _, w in pairs)
+        return sum(v * w for v, w in pairs) / total if total else float("nan")
+
+    pos, neg = avg("pos_cos"), avg("neg_cos")
+    return {
+        "scl_loss": avg("scl"),
+        "pos_cos": pos,
+        "neg_cos": neg,
+        "cos_gap": pos - neg,
+        "scl_anchors": sum(r.num_anchors for r in records),
+    }
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.run_dir = Path(cfg.run.dir)
+        self.stop_requested = False
+
+    # -- setup ---------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.env = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
+        dp = parallel_state.get_data_parallel_world_size()
+        if self.env.world_size > 1:
+            raise ConfigError(
+                f"this trainer runs one process (world size {self.env.world_size} given); "
+                "multi-process layouts need the DeepSpeed data-parallel engine"
+            )
+        t = cfg.train
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})"
+            )
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = dp
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+        self.is_main = self.env.is_main
+        seed_everything(t.seed)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "config.yaml", "w") as handle:
+                yaml.safe_dump(config_to_dict(cfg), handle, sort_keys=False)
+
+        t0 = time.perf_counter()
+        self.data: DataBundle = build_data(cfg, self.run_dir)
+        log.info("data ready in %.1fs (cache %s)", time.perf_counter() - t0, self.data.cache_dir)
+
+        self.model = SCIGPTModel(
+            cfg,
+            vocab_size=self.data.tokenizer.vocab_size,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_sci = sum(p.numel() for n, p in self.model.named_parameters() if n.startswith("sci."))
+        log.info(
+            "model: %s spec, %.2fM parameters (SCI branch %.2fM), sci.mode=%s",
+            self.model.spec_name,
+            n_params / 1e6,
+            n_sci / 1e6,
+            cfg.sci.mode,
+        )
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.forward_backward = get_forward_backward_func()
+        self.counter = BatchCounter()
+        self.forward_step = make_forward_step(self.counter)
+
+        self.step, self.consumed_samples = 0, 0
+        if self.resume:
+            path = latest_checkpoint(self.checkpoints.root)
+            if path is None:
+                raise CheckpointError(
+                    f"--resume: no checkpoint under {self.checkpoints.root} (nothing to resume)"
+                )
+            state = self.checkpoints.load(path, self.model, self.optimizer)
+            self._check_resumable(state)
+            self.step, self.consumed_samples = state.step, state.consumed_samples
+            log.info(
+                "resumed from %s: step %d, %d samples consumed",
+                path,
+                self.step,
+                self.consumed_samples,
+            )
+        self.metrics = (
+            MetricsSink(
+                self.run_dir,
+                config_to_dict(cfg),
+                cfg.logging.wandb_mode,
+                cfg.logging.wandb_project,
+                cfg.run.name,
+                resume_step=self.step,
+            )
+            if self.is_main
+            else None
+        )
+
+    def _check_resumable(self, state: RunState) -> None:
+        ours = tokenizer_identity(self.data.tokenizer.model_path)
+        if state.tokenizer.get("sha256") != ours["sha256"]:
+            raise CheckpointError(
+                f"--resume: the checkpoint was trained with tokenizer {state.tokenizer}, "
+                f"this run has {ours}"
+            )
+
+    def _run_state(self) -> RunState:
+        return RunState(
+            step=self.step,
+            consumed_samples=self.consumed_samples,
+            config=config_to_dict(self.cfg),
+            tokenizer=tokenizer_identity(self.data.tokenizer.model_path),
+        )
+
+    def _save(self) -> Path:
+        t0 = time.perf_counter()
+        path = self.checkpoints.save(self.model, self.optimizer, self._run_state())
+        log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
+        return path
+
+    # -- one step ------------------------------------------------------------------------
+    def _train_step(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        step = self.step + 1
+        lr = lr_at(step, cfg)
+        set_lr(self.optimizer, lr)
+        alpha = alpha_at(step, cfg.sci.alpha, cfg.sci.alpha_warmup_steps)
+        self.model.scl_scale = alpha / self.num_microbatches
+        self.counter.reset()
+        self.model.take_records()
+        batches = MicroBatches(
+            self.data.train, self.consumed_samples, t.micro_batch_size, self.dp_rank, self.dp_size
+        )
+        start = time.perf_counter()
+        losses = self.forward_backward(
+            forward_step_func=self.forward_step,
+            data_iterator=batches,
+            model=[self.model],
+            num_microbatches=self.num_microbatches,
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, max_norm=t.clip_grad if t.clip_grad > 0 else math.inf
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        self.step = step
+        self.consumed_samples += t.global_batch_size
+        record: dict[str, Any] = {
+            "step": step,
+            "lm_loss": mean_of(losses, "lm_loss"),
+            "scl_loss": None,
+            "tokens_per_s": self.counter.tokens * self.dp_size / elapsed,
+            "step_time_s": elapsed,
+            "lr": lr,
+            "alpha": alpha,
+            "grad_norm": float(grad_norm),
+            "pair_blocks": self.counter.pair_blocks,
+            "blocks": self.counter.blocks,
+            "consumed_samples": self.consumed_samples,
+        }
+        record.update(_sci_summary(self.model.take_records()))
+        return record
+
+    # -- eval ----------------------------------------------------------------------------
+    def _forward_only(self, dataset: Any, batches: int) -> tuple[float, dict[str, float]]:
+        t = self.cfg.train
+        self.model.eval()
+        self.model.take_records()
+        iterator = MicroBatches(
+            dataset, 0, t.micro_batch_size, self.dp_rank, self.dp_size, wrap=True
+        )
+        with torch.no_grad():
+            losses = self.forward_backward(
+                forward_step_func=make_forward_step(BatchCounter()),
+                data_iterator=iterator,
+                model=[self.model],
+                num_microbatches=batches,
+                seq_length=self.cfg.model.seq_length,
+                micro_batch_size=t.micro_batch_size,
+                forward_only=True,
+            )
+        self.model.train()
+        return mean_of(losses, "lm_loss"), _sci_summary(self.model.take_records())
+
+    def evaluate(self) -> dict[str, float]:
+        batches = self.cfg.train.eval_batches
+        lm, _ = self._forward_only(self.data.valid_corpus, batches)
+        out = {"eval_lm_loss": lm, "eval_ppl": math.exp(min(lm, 50.0))}
+        if self.model.sci is not None and self.data.heldout_pairs is not None:
+            _, sci = self._forward_only(self.data.heldout_pairs, batches)
+            out.update({f"eval_{k}": v for k, v in sci.items()})
+        return out
+
+    # -- loop ----------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
+        self.stop_requested = True
+
+    def _log_console(self, record: dict[str, Any], window: list[float]) -> None:
+        t = self.cfg.train
+        step_time = sum(window) / len(window)
+        eta = step_time * (t.steps - record["step"])
+        parts = [f"step {record['step']}/{t.steps}", f"lm {record['lm_loss']:.4f}"]
+        if record.get("scl_loss") is not None:
+            parts.append(f"scl {record['scl_loss']:.4f} (gap {record['cos_gap']:+.3f})")
+        if "eval_lm_loss" in record:
+            parts.append(f"eval lm {record['eval_lm_loss']:.4f}")
+        parts += [
+            f"lr {record['lr']:.2e}",
+            f"{t.global_batch_size * self.cfg.model.seq_length / step_time:,.0f} tok/s",
+            f"ETA {_fmt_duration(eta)}",
+        ]
+        log.info(" | ".join(parts))
+
+    def run(self, max_steps: int | None = None) -> TrainResult:
+        """Train to ``train.steps`` (or ``max_steps`` more steps, then checkpoint and stop)."""
+        wall = time.perf_counter()
+        self._setup()
+        cfg, t = self.cfg, self.cfg.train
+        result = TrainResult(
+            self.run_dir, self.step, pair_rate_realised=self.data.pair_rate_realised
+        )
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        for s in STOP_SIGNALS:
+            try:
+                signal.signal(s, self._on_signal)
+            except ValueError:  # not the main thread: leave the handlers to the host
+                previous.pop(s)
+        window: list[float] = []
+        last_saved = self.step if self.resume else -1
+        stop_at = t.steps if max_steps is None else min(t.steps, self.step + max_steps)
+        if self.step >= t.steps:
+            log.info("nothing to do: step %d already reached train.steps=%d", self.step, t.steps)
+        try:
+            log.info(
+                "training steps %d..%d: %d micro-batch(es) of %d x %d tokens per step",
+                self.step + 1,
+                stop_at,
+                self.num_microbatches,
+                t.micro_batch_size,
+                cfg.model.seq_length,
+            )
+            while self.step < stop_at:
+                record = self._train_step()
+                window = [*window, record["step_time_s"]][-t.log_interval :]
+                if self.step % t.eval_interval == 0 or self.step == t.steps:
+                    record.update(self.evaluate())
+                result.history.append(record)
+                if self.metrics is not None:
+                    self.metrics.write(record)
+                if cfg.logging.console and (
+                    self.step % t.log_interval == 0 or self.step in (1, t.steps)
+                ):
+                    self._log_console(record, window)
+                if not math.isfinite(record["lm_loss"]):
+                    raise FloatingPointError(f"LM loss is {record['lm_loss']} at step {self.step}")
+                if self.step % cfg.checkpoint.interval == 0 or self.stop_requested:
+                    result.checkpoint = self._save()
+                    last_saved = self.step
+                if self.stop_requested:
+                    break
+            finished = self.step >= t.steps
+            if last_saved != self.step and (
+                max_steps is not None or (finished and cfg.checkpoint.save_final)
+            ):
+                result.checkpoint = self._save()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.metrics is not None:
+                self.metrics.close()
+            destroy_distributed()
+        result.step = self.step
+        result.wall_time_s = time.perf_counter() - wall
+        log.info(
+            "done: step %d in %s; run directory %s",
+            self.step,
+            _fmt_duration(result.wall_time_s),
+            self.run_dir,
+        )
+        return result
+
+
+def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> TrainResult:
+    return Trainer(cfg, resume=resume).run(max_steps=max_steps)

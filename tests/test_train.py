@@ -1,0 +1,132 @@
+"""The training loop: exact resume, crash-safe checkpoints, and the default job end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sci_scale.train import checkpoint as ckpt
+from sci_scale.train.checkpoint import latest_checkpoint
+from sci_scale.train.metrics import read_metrics
+from sci_scale.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+COMPARED = ("lm_loss", "scl_loss", "grad_norm", "pos_cos", "neg_cos", "pair_blocks", "lr")
+
+
+def same(a: object, b: object) -> bool:
+    """Exact equality, with NaN equal to NaN (a cosine no micro-batch could measure)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def by_step(records: list[dict]) -> dict[int, dict]:
+    return {r["step"]: r for r in records}
+
+
+def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path: Path) -> None:
+    steps = ("train.steps=20", "train.eval_interval=10")
+    straight = train(make_config(*steps, run_dir=tmp_path / "straight"))
+    assert straight.step == 20
+
+    resumed_dir = tmp_path / "resumed"
+    first = train(make_config(*steps, run_dir=resumed_dir), max_steps=10)
+    assert first.step == 10
+    assert latest_checkpoint(resumed_dir / "checkpoints").name == "step_0000010"
+    second = train(make_config(*steps, run_dir=resumed_dir), resume=True)
+    assert second.step == 20
+    assert [r["step"] for r in second.history] == list(range(11, 21))
+
+    expected = by_step(straight.history)
+    assert any(expected[s]["scl_loss"] is not None for s in range(11, 21))  # SCL is exercised
+    for record in second.history:
+        for key in COMPARED:
+            assert same(record.get(key), expected[record["step"]].get(key)), (record["step"], key)
+    assert second.history[-1]["eval_lm_loss"] == expected[20]["eval_lm_loss"]
+    # metrics.jsonl of the resumed run reads as one run
+    assert [r["step"] for r in read_metrics(resumed_dir)] == list(range(1, 21))
+
+
+def test_crash_during_save_leaves_previous_checkpoint_loadable(
+    make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "run"
+    overrides = ("train.steps=10", "checkpoint.interval=5")
+    real_save = ckpt.dist_checkpointing.save
+    calls = []
+
+    def crashing_save(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        calls.append(checkpoint_dir)
+        real_save(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+        if len(calls) == 2:  # the step-10 save: weights written, rank files and run state not
+            raise RuntimeError("injected crash while writing a checkpoint")
+
+    monkeypatch.setattr(ckpt.dist_checkpointing, "save", crashing_save)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train(make_config(*overrides, run_dir=run_dir))
+    monkeypatch.undo()
+
+    root = run_dir / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_0000005"
+    assert list(root.glob(".tmp-step_0000010"))  # the partial write is there, and ignored
+    assert not (root / "step_0000010").exists()
+    uninterrupted = by_step(read_metrics(run_dir))
+
+    # The previous checkpoint loads and continues exactly where the crashed run went.
+    resumed = train(make_config(*overrides, run_dir=run_dir), resume=True)
+    assert [r["step"] for r in resumed.history] == [6, 7, 8, 9, 10]
+    for record in resumed.history:
+        assert record["lm_loss"] == uninterrupted[record["step"]]["lm_loss"]
+    assert latest_checkpoint(root).name == "step_0000010"
+    assert not list(root.glob(".tmp-*"))  # the next save cleaned up the partial one
+
+
+def test_checkpoint_holds_run_state_and_loads_safely(make_config, tmp_path: Path) -> None:
+    result = train(make_config("train.steps=3", run_dir=tmp_path / "run"))
+    path = result.checkpoint
+    assert path is not None and path.name == "step_0000003"
+    state = torch.load(path / "run_state.pt", weights_only=True)
+    assert state["step"] == 3
+    assert state["consumed_samples"] == 3 * 8
+    assert state["config"]["train"]["steps"] == 3
+    assert len(state["tokenizer"]["sha256"]) == 64
+    rank = torch.load(path / "rank_00000.pt", weights_only=True)
+    assert set(rank) == {"optimizer", "rng"}
+    assert (path / "model" / "metadata.json").exists()
+
+
+def test_resume_without_checkpoint_is_a_clear_error(make_config, tmp_path: Path) -> None:
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
+        train(make_config("train.steps=2", run_dir=tmp_path / "empty"), resume=True)
+
+
+def test_default_job_end_to_end(tmp_path: Path) -> None:
+    """``sci-scale train`` on configs/tiny.yaml as shipped (only the run directory moved)."""
+    run_dir = tmp_path / "tiny"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sci_scale", "train", f"run.dir={run_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 300/300" in proc.stdout and "ETA" in proc.stdout and "tok/s" in proc.stdout
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 301))
+    assert records[-1]["lm_loss"] < records[0]["lm_loss"]
+    assert all(r["tokens_per_s"] > 0 for r in records)
+    assert any(r["scl_loss"] is not None for r in records)
+    assert records[-1]["eval_lm_loss"] < records[99]["eval_lm_loss"]
+    pair_share = sum(r["pair_blocks"] for r in records) / sum(r["blocks"] for r in records)
+    assert abs(pair_share - 0.05) < 0.02
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_0000300"
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    assert list((run_dir / "wandb").glob("offline-run-*"))  # wandb, offline by default
