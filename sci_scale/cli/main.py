@@ -16,11 +16,19 @@ from pathlib import Path
 from sci_scale.config import ConfigError, load_config
 from sci_scale.data.corpus import CorpusError
 from sci_scale.data.pairs import PairDataError
+from sci_scale.data.tokenizer import TokenizerError
 from sci_scale.train.checkpoint import CheckpointError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
-USER_ERRORS = (ConfigError, CorpusError, PairDataError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError,
+    CorpusError,
+    PairDataError,
+    TokenizerError,
+    CheckpointError,
+    FileNotFoundError,
+)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -45,12 +53,16 @@ def _resolve_config(path: str | None) -> Path | None:
     return Path(path)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _config_from_args(args: argparse.Namespace):
     # A first positional argument holding "=" is an override, not a config file.
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]
-    cfg = load_config(_resolve_config(config), overrides)
+    return load_config(_resolve_config(config), overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config_from_args(args)
     from sci_scale.train.trainer import train
 
     result = train(cfg, resume=args.resume)
@@ -64,6 +76,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             last["step"],
             result.run_dir / "metrics.jsonl",
         )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sci_scale.train.bench import bench, report
+
+    cfg = _config_from_args(args)
+    results = bench(cfg, steps=args.steps, warmup=args.warmup)
+    print(report(results))
     return 0
 
 
@@ -138,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from run.dir's latest checkpoint"
     )
     train.set_defaults(func=cmd_train)
+
+    bench = sub.add_parser(
+        "bench", help="tokens/s of a config and the step-time cost of its SCI branch"
+    )
+    bench.add_argument("config", nargs="?", help="YAML config (default: configs/tiny.yaml)")
+    bench.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.seq_length=512")
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    bench.set_defaults(func=cmd_bench)
 
     pairs = sub.add_parser("pairs", help="structural pair data")
     pairs_sub = pairs.add_subparsers(dest="pairs_command", required=True)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -257,11 +257,14 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         d.examples_per_template,
         name="train pairs",
     )
+    # megatron's BlendedDataset asks torch.distributed for the rank when it caches its index;
+    # a standalone call (no process group) builds the index in memory instead.
+    blend_config = gpt_config if dist.is_initialized() else replace(gpt_config, path_to_cache=None)
     train = BlendedDataset(
         [train_corpus, BlockStream(pair_ds, Split.train, "pairs")],
         [1.0 - r, r],
         n_train,
-        gpt_config,
+        blend_config,
     )
     realised = float(np.mean(train.dataset_index == 1))
     log.info(

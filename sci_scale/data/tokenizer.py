@@ -53,6 +53,10 @@ MODEL_TYPES = ("bpe", "unigram")
 _MAX_SENTENCE_BYTES = 16384
 
 
+class TokenizerError(ValueError):
+    """A tokenizer cannot be trained or loaded as asked (a user error, not a bug)."""
+
+
 def _file_sha256(path: Path) -> str:
     """Content hash, so a retrained tokenizer at the same path is still told apart."""
     with path.open("rb") as stream:
@@ -107,38 +111,46 @@ def train_sentencepiece(
     Returns the .model path.
     """
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}; got {model_type!r}")
+        raise TokenizerError(
+            f"model_type must be one of {', '.join(MODEL_TYPES)}; got {model_type!r}"
+        )
     symbols = list(PAIR_SPECIAL_TOKENS) + [s for s in extra_symbols if s not in PAIR_SPECIAL_TOKENS]
     reserved = 4 + len(symbols) + (256 if byte_fallback else 0)
     if vocab_size <= reserved:
-        raise ValueError(
+        raise TokenizerError(
             f"vocab_size={vocab_size} leaves no learned pieces: {reserved} ids are reserved "
             "for pad/unk/bos/eos, the pair tokens and the byte pieces"
         )
     target = Path(f"{model_prefix}.model")
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_sentences(texts),
-        model_writer=model,
-        model_type=model_type,
-        vocab_size=vocab_size,
-        byte_fallback=byte_fallback,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        user_defined_symbols=symbols,
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=False,
-        max_sentence_length=_MAX_SENTENCE_BYTES,
-        num_threads=1,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_sentences(texts),
+            model_writer=model,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            byte_fallback=byte_fallback,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            user_defined_symbols=symbols,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=False,
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:  # e.g. a vocab smaller than the corpus' required characters
+        reason = " ".join(str(exc).split())
+        raise TokenizerError(
+            f"sentencepiece could not train a {vocab_size}-piece vocab: {reason}"
+        ) from None
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:

@@ -94,7 +94,7 @@ class Trainer:
         self.stop_requested = False
 
     # -- setup ---------------------------------------------------------------------------
-    def _setup(self) -> None:
+    def setup(self) -> None:
         cfg = self.cfg
         self.env = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
         dp = parallel_state.get_data_parallel_world_size()
@@ -196,7 +196,7 @@ class Trainer:
         return path
 
     # -- one step ------------------------------------------------------------------------
-    def _train_step(self) -> dict[str, Any]:
+    def train_step(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         step = self.step + 1
         lr = lr_at(step, cfg)
@@ -297,7 +297,7 @@ class Trainer:
     def run(self, max_steps: int | None = None) -> TrainResult:
         """Train to ``train.steps`` (or ``max_steps`` more steps, then checkpoint and stop)."""
         wall = time.perf_counter()
-        self._setup()
+        self.setup()
         cfg, t = self.cfg, self.cfg.train
         result = TrainResult(
             self.run_dir, self.step, pair_rate_realised=self.data.pair_rate_realised
@@ -323,7 +323,7 @@ class Trainer:
                 cfg.model.seq_length,
             )
             while self.step < stop_at:
-                record = self._train_step()
+                record = self.train_step()
                 window = [*window, record["step_time_s"]][-t.log_interval :]
                 if self.step % t.eval_interval == 0 or self.step == t.steps:
                     record.update(self.evaluate())

@@ -1,0 +1,273 @@
+"""The typed configuration: the embedded default, dotted overrides, one-line errors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from sci_scale.cli import main as cli
+from sci_scale.config import Config, ConfigError, config_to_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+@pytest.fixture
+def restore_logging():
+    """The CLI reconfigures the root logger (basicConfig(force=True)); put it back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    megatron_level = logging.getLogger("megatron").level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("megatron").setLevel(megatron_level)
+
+
+def config_error(*overrides: str, path: Path | None = TINY) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert message.strip() == message and message
+    return message
+
+
+# --- the embedded default ------------------------------------------------------------------------
+
+
+def test_tiny_yaml_is_the_embedded_default():
+    cfg = load_config(TINY)
+    assert isinstance(cfg, Config)
+    assert cfg == Config()
+    assert config_to_dict(cfg) == config_to_dict(Config())
+    assert load_config(None) == cfg
+
+
+def test_tiny_yaml_sets_only_known_keys_with_default_values():
+    import yaml
+
+    data = yaml.safe_load(TINY.read_text(encoding="utf-8"))
+    defaults = config_to_dict(Config())
+    assert set(data) == set(defaults)  # every section appears
+    for section, values in data.items():
+        for key, value in values.items():
+            assert key in defaults[section], f"{section}.{key}"
+            assert value == defaults[section][key], f"{section}.{key}"
+
+
+def test_cli_falls_back_to_the_tiny_config():
+    assert cli.DEFAULT_CONFIG == TINY
+    assert cli._resolve_config(None) == TINY
+    assert cli._resolve_config("other.yaml") == Path("other.yaml")
+
+
+# --- overrides -----------------------------------------------------------------------------------
+
+
+def test_overrides_change_values_with_their_types():
+    cfg = load_config(
+        TINY,
+        [
+            "train.steps=5",
+            "sci.fuse=false",
+            "data.pair_sources=[scan]",
+            "train.lr=0.001",
+            "model.rotary_base=500000",  # an int where a float is expected becomes a float
+            "model.ffn_hidden_size=256",
+            "data.max_docs=null",
+            "sci.mode=frozen",
+            "run.name=exp 1",
+        ],
+    )
+    assert cfg.train.steps == 5 and type(cfg.train.steps) is int
+    assert cfg.sci.fuse is False
+    assert cfg.data.pair_sources == ["scan"]
+    assert cfg.train.lr == 0.001
+    assert cfg.model.rotary_base == 500000.0 and type(cfg.model.rotary_base) is float
+    assert cfg.model.ffn_hidden_size == 256
+    assert cfg.data.max_docs is None
+    assert cfg.sci.mode == "frozen"
+    assert cfg.run.name == "exp 1"
+    # untouched values keep the file's
+    assert cfg.train.global_batch_size == Config().train.global_batch_size
+
+
+def test_list_overrides_take_yaml_flow_lists():
+    cfg = load_config(None, ["data.pair_sources=[scan, arithmetic]"])
+    assert cfg.data.pair_sources == ["scan", "arithmetic"]
+    assert load_config(None, ["data.pair_sources=[]"]).data.pair_sources == []
+    # a bare word is not a list
+    assert "expected list[str]" in config_error("data.pair_sources=scan")
+
+
+def test_later_override_wins():
+    assert load_config(None, ["train.steps=5", "train.steps=7"]).train.steps == 7
+
+
+def test_overrides_do_not_touch_the_defaults():
+    cfg = load_config(None, ["data.pair_sources=[scan]", "sci.alpha=0.5"])
+    cfg.data.pair_sources.append("cogs")
+    fresh = load_config(None)
+    assert fresh.data.pair_sources == ["scan", "arithmetic"] == Config().data.pair_sources
+    assert fresh.sci.alpha == 0.05
+
+
+# --- errors: one line, naming the problem --------------------------------------------------------
+
+
+def test_unknown_key_names_it_and_the_valid_keys():
+    message = config_error("model.hiden_size=3")
+    assert "model.hiden_size" in message
+    assert "did you mean 'hidden_size'" in message
+    for key in ("hidden_size", "num_layers", "num_attention_heads", "seq_length"):
+        assert key in message
+
+
+def test_unknown_section_names_it_and_the_sections():
+    message = config_error("modle.num_layers=2")
+    assert "'modle'" in message and "did you mean 'model'" in message
+    for section in ("model", "sci", "data", "train", "parallel", "checkpoint", "logging", "run"):
+        assert section in message
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  stepz: 3\n", encoding="utf-8")
+    message = config_error(path=path)
+    assert "train.stepz" in message and "did you mean 'steps'" in message
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.steps=abc", "train.steps: expected int, got 'abc'"),
+        ("train.steps=1.5", "train.steps: expected int, got 1.5"),
+        ("sci.fuse=1", "sci.fuse: expected bool"),
+        ("train.lr=fast", "train.lr: expected float, got 'fast'"),
+        ("model.ffn_hidden_size=abc", "model.ffn_hidden_size: expected int | null, got 'abc'"),
+        ("run.name=[a, b]", "run.name: expected str"),
+    ],
+)
+def test_wrong_type_names_the_key_and_the_expected_type(override, expected):
+    assert expected in config_error(override)
+
+
+def test_bad_choice_names_the_valid_choices():
+    message = config_error("sci.mode=bogus")
+    assert "sci.mode" in message and "'bogus'" in message
+    for choice in ("joint", "frozen", "sci_only", "off"):
+        assert choice in message
+
+
+def test_bad_pair_source_names_the_valid_sources():
+    message = config_error("data.pair_sources=[scan, bogus]")
+    assert "'bogus'" in message
+    for source in ("scan", "arithmetic", "cogs", "user"):
+        assert source in message
+
+
+def test_fuse_layer_out_of_range():
+    message = config_error("sci.fuse_layer=7")
+    assert "sci.fuse_layer (7)" in message and "0..3" in message
+    assert "sci.fuse_layer (-1)" in config_error("sci.fuse_layer=-1")
+    # the last layer is in range; with the branch off the layer is not checked
+    assert load_config(TINY, ["sci.fuse_layer=3"]).sci.fuse_layer == 3
+    assert load_config(TINY, ["sci.mode=off", "sci.fuse_layer=7"]).sci.mode == "off"
+
+
+def test_fuse_layer_must_be_on_the_first_pipeline_stage():
+    message = config_error("parallel.pipeline=2", "sci.fuse_layer=2")
+    assert "sci.fuse_layer (2)" in message
+    assert "first pipeline stage" in message and "0..1" in message
+    assert load_config(TINY, ["parallel.pipeline=2", "sci.fuse_layer=1"]).parallel.pipeline == 2
+
+
+def test_heads_must_divide_by_query_groups():
+    message = config_error("model.num_attention_heads=4", "model.num_query_groups=3")
+    assert "model.num_attention_heads (4)" in message
+    assert "model.num_query_groups (3)" in message
+
+
+def test_global_batch_must_be_a_multiple_of_micro_batch():
+    message = config_error("train.global_batch_size=12", "train.micro_batch_size=8")
+    assert "train.global_batch_size (12)" in message
+    assert "train.micro_batch_size (8)" in message
+    assert load_config(TINY, ["train.global_batch_size=24", "train.micro_batch_size=8"])
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["train.steps=0"], "train.steps must be positive, got 0"),
+        (["model.hidden_size=130"], "model.hidden_size (130)"),
+        (["parallel.pipeline=3"], "parallel.pipeline (3)"),
+        (["data.pair_rate=1.0"], "data.pair_rate must be in [0, 1)"),
+        (["data.examples_per_template=1"], "data.examples_per_template must be >= 2"),
+        (["data.pair_sources=[cogs]"], "data.cogs_path is not set"),
+        (["train.min_lr=0.1"], "train.min_lr (0.1) must not exceed train.lr"),
+        (["sci.tau=2.0"], "sci.tau (2.0) must lie in"),
+    ],
+)
+def test_cross_field_rules_name_the_numbers(overrides, fragment):
+    assert fragment in config_error(*overrides)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.steps", "is not of the form key.sub=value"),
+        ("steps=3", "the key must be section.name"),
+        ("train.steps.x=3", "'steps' is not a section"),
+        ("train.steps=[1", "value is not valid YAML"),
+    ],
+)
+def test_malformed_overrides(override, fragment):
+    message = config_error(override)
+    assert fragment in message and override in message
+
+
+def test_malformed_yaml_files(tmp_path):
+    missing = config_error(path=tmp_path / "nope.yaml")
+    assert "config file not found" in missing and "nope.yaml" in missing
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  steps: [1\n", encoding="utf-8")
+    assert "not valid YAML" in config_error(path=broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("- 1\n- 2\n", encoding="utf-8")
+    assert "top level must be a mapping" in config_error(path=scalar)
+    section = tmp_path / "section.yaml"
+    section.write_text("train: 5\n", encoding="utf-8")
+    assert config_error(path=section) == "train: expected a mapping, got 5"
+
+
+def test_scientific_notation_without_a_dot_is_a_float():
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_bad_key_exits_2_with_one_line(capsys, restore_logging):
+    status = cli.main(["train", str(TINY), "bad.key=1"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("sci-scale train: error: unknown key 'bad'")
+    assert "valid keys:" in err
+
+
+def test_cli_first_positional_override_is_checked(capsys, restore_logging):
+    # "train KEY=VALUE" without a config file: the default config plus the override
+    assert cli.main(["train", "model.hiden_size=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "model.hiden_size" in err and "hidden_size" in err
+
+
+def test_cli_missing_config_file_exits_2(capsys, restore_logging, tmp_path):
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config file not found" in err
