@@ -54,5 +54,12 @@ def make_config(tmp_path: Path, data_cache: Path):
 
 
 @pytest.fixture(autouse=True)
-def _quiet_megatron() -> None:
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+def _restore_logging():
+    """Quiet megatron's INFO logs; undo the CLI's ``basicConfig(force=True)`` after each test."""
+    root, megatron = logging.getLogger(), logging.getLogger("megatron")
+    handlers, level = root.handlers[:], root.level
+    megatron.setLevel(logging.WARNING)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    megatron.setLevel(logging.WARNING)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -19,18 +18,6 @@ from sci_scale.data.tokenizer import PAIR_SPECIAL_TOKENS, SentencePieceTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"IN: (\S.*?) OUT: (\S.*)")
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() reconfigures the root logger (basicConfig(force=True)); put it back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    megatron_level = logging.getLogger("megatron").level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.getLogger("megatron").setLevel(megatron_level)
 
 
 def scan_lines(capsys, *args: str) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -12,18 +11,6 @@ from sci_scale.config import Config, ConfigError, config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-
-
-@pytest.fixture
-def restore_logging():
-    """The CLI reconfigures the root logger (basicConfig(force=True)); put it back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    megatron_level = logging.getLogger("megatron").level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.getLogger("megatron").setLevel(megatron_level)
 
 
 def config_error(*overrides: str, path: Path | None = TINY) -> str:
@@ -250,7 +237,7 @@ def test_scientific_notation_without_a_dot_is_a_float():
 # --- the CLI -------------------------------------------------------------------------------------
 
 
-def test_cli_bad_key_exits_2_with_one_line(capsys, restore_logging):
+def test_cli_bad_key_exits_2_with_one_line(capsys):
     status = cli.main(["train", str(TINY), "bad.key=1"])
     assert status == 2
     err = capsys.readouterr().err
@@ -259,7 +246,7 @@ def test_cli_bad_key_exits_2_with_one_line(capsys, restore_logging):
     assert "valid keys:" in err
 
 
-def test_cli_first_positional_override_is_checked(capsys, restore_logging):
+def test_cli_first_positional_override_is_checked(capsys):
     # "train KEY=VALUE" without a config file: the default config plus the override
     assert cli.main(["train", "model.hiden_size=3"]) == 2
     err = capsys.readouterr().err
@@ -267,7 +254,7 @@ def test_cli_first_positional_override_is_checked(capsys, restore_logging):
     assert "model.hiden_size" in err and "hidden_size" in err
 
 
-def test_cli_missing_config_file_exits_2(capsys, restore_logging, tmp_path):
+def test_cli_missing_config_file_exits_2(capsys, tmp_path):
     assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config file not found" in err

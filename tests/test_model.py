@@ -39,15 +39,22 @@ def pair_batch(seq: int, blocks: int = 2, seed: int = 0) -> dict[str, torch.Tens
     return collate(samples)
 
 
+def run(model: SCIGPTModel, batch: dict[str, torch.Tensor], labels: bool = True) -> torch.Tensor:
+    """Per-token LM loss (``labels``) or logits of a batch in the block format."""
+    return model(
+        batch["tokens"],
+        batch["position_ids"],
+        labels=batch["labels"] if labels else None,
+        loss_mask=batch["loss_mask"] if labels else None,
+        example_ids=batch["example_ids"],
+        template_ids=batch["template_ids"],
+    )
+
+
 def logits(model: SCIGPTModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return model(
-            batch["tokens"],
-            batch["position_ids"],
-            example_ids=batch["example_ids"],
-            template_ids=batch["template_ids"],
-        )
+        return run(model, batch, labels=False)
 
 
 @pytest.mark.parametrize("fuse_layer", [0, 1])
@@ -93,14 +100,7 @@ def test_one_step_opens_the_gate_and_scl_reaches_sci(make_config) -> None:
     model.scl_scale = 1.0
     optimizer = build_optimizer(model, cfg)
     batch = pair_batch(cfg.model.seq_length)
-    per_token = model(
-        batch["tokens"],
-        batch["position_ids"],
-        labels=batch["labels"],
-        loss_mask=batch["loss_mask"],
-        example_ids=batch["example_ids"],
-        template_ids=batch["template_ids"],
-    )
+    per_token = run(model, batch)
     (records,) = model.take_records()
     assert records.num_anchors == 8 and records.scl > 0
     (per_token * batch["loss_mask"]).sum().backward()
@@ -114,14 +114,7 @@ def test_one_step_opens_the_gate_and_scl_reaches_sci(make_config) -> None:
     assert torch.count_nonzero(model.sci.gate) > 0
 
     optimizer.zero_grad()
-    model(
-        batch["tokens"],
-        batch["position_ids"],
-        labels=batch["labels"],
-        loss_mask=batch["loss_mask"],
-        example_ids=batch["example_ids"],
-        template_ids=batch["template_ids"],
-    ).sum().backward()
+    run(model, batch).sum().backward()
     assert torch.count_nonzero(model.sci.proj_out.weight.grad) > 0  # the open gate lets it learn
 
 
@@ -135,14 +128,7 @@ def test_scl_alone_trains_the_encoder_when_not_fused(make_config) -> None:
     def encoder_grads(scale: float) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
         model.scl_scale = scale
-        out = model(
-            batch["tokens"],
-            batch["position_ids"],
-            labels=batch["labels"],
-            loss_mask=batch["loss_mask"],
-            example_ids=batch["example_ids"],
-            template_ids=batch["template_ids"],
-        )
+        out = run(model, batch)
         model.take_records()
         out.sum().backward()
         return [

@@ -97,7 +97,7 @@ def test_temperature_and_alpha_schedule() -> None:
     learnable = Temperature(0.1, learnable=True, tau_min=0.05, tau_max=0.2)
     with torch.no_grad():
         learnable.log_tau.fill_(math.log(5.0))
-    assert float(learnable()) == pytest.approx(0.2)  # clamped
+    assert learnable().item() == pytest.approx(0.2)  # clamped
     assert alpha_at(1, 0.05, 10) == pytest.approx(0.005)
     assert alpha_at(10, 0.05, 10) == pytest.approx(0.05)
     assert alpha_at(50, 0.05, 10) == pytest.approx(0.05)

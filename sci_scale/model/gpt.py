@@ -27,7 +27,7 @@ from sci_scale.config.schema import Config
 from sci_scale.losses.aux import attach_aux_loss
 from sci_scale.losses.scl import SCLOutput, Temperature, supervised_contrastive_loss
 from sci_scale.model.sci_branch import SCIBranch
-from sci_scale.model.specs import select_layer_spec
+from sci_scale.model.specs import kernel_fusion_flags, select_layer_spec
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,7 @@ def backbone_transformer_config(cfg: Config) -> TransformerConfig:
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=m.params_dtype == "bf16",
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **kernel_fusion_flags(),
         cross_entropy_loss_fusion=False,
         batch_p2p_sync=False,
     )

@@ -21,7 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from sci_scale.config.schema import SciSection
-from sci_scale.model.specs import select_layer_spec
+from sci_scale.model.specs import kernel_fusion_flags, select_layer_spec
 
 
 def example_attention_mask(example_ids: Tensor) -> Tensor:
@@ -66,11 +66,7 @@ class SCIBranch(MegatronModule):
             use_cpu_initialization=backbone_config.use_cpu_initialization,
             params_dtype=backbone_config.params_dtype,
             bf16=backbone_config.bf16,
-            bias_activation_fusion=False,
-            masked_softmax_fusion=False,
-            persist_layer_norm=False,
-            apply_rope_fusion=False,
-            gradient_accumulation_fusion=False,
+            **kernel_fusion_flags(),
         )
         super().__init__(config=config)
         self.sci = sci

@@ -63,3 +63,16 @@ def select_layer_spec(
         return te_layer_spec(attn_mask_type), "transformer-engine"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return local_layer_spec(attn_mask_type), f"megatron local + {sdpa_backend_name(device)}"
+
+
+def kernel_fusion_flags() -> dict[str, bool]:
+    """TransformerConfig switches for megatron's fused kernels, all off: each needs Apex or
+    Transformer Engine kernels that the local spec does not have. Shared by the backbone and the
+    SCI branch so both run the same kernels."""
+    return {
+        "bias_activation_fusion": False,
+        "masked_softmax_fusion": False,
+        "persist_layer_norm": False,
+        "apply_rope_fusion": False,
+        "gradient_accumulation_fusion": False,
+    }

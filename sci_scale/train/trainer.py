@@ -278,15 +278,26 @@ class Trainer:
         log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
         self.stop_requested = True
 
-    def _log_console(self, record: dict[str, Any], window: list[float]) -> None:
-        t = self.cfg.train
-        step_time = sum(window) / len(window)
+    def _log_console(self, window: list[dict[str, Any]]) -> None:
+        """One line for the last ``log_interval`` steps: the latest LM loss, the window's mean
+        SCL and cosine gap (pair blocks are rare, so one step's SCL is often absent), the eval
+        LM loss on eval steps, and throughput and ETA from the window's mean step time."""
+        t, record = self.cfg.train, window[-1]
+        step_time = sum(r["step_time_s"] for r in window) / len(window)
         eta = step_time * (t.steps - record["step"])
         parts = [f"step {record['step']}/{t.steps}", f"lm {record['lm_loss']:.4f}"]
-        if record.get("scl_loss") is not None:
-            parts.append(f"scl {record['scl_loss']:.4f} (gap {record['cos_gap']:+.3f})")
+        scl = [r for r in window if r.get("scl_loss") is not None]
+        if scl:
+            mean_scl = sum(r["scl_loss"] for r in scl) / len(scl)
+            gaps = [r["cos_gap"] for r in scl if math.isfinite(r["cos_gap"])]
+            gap = f" gap {sum(gaps) / len(gaps):+.3f}" if gaps else ""
+            parts.append(f"scl {mean_scl:.4f} ({len(scl)} step(s){gap})")
         if "eval_lm_loss" in record:
             parts.append(f"eval lm {record['eval_lm_loss']:.4f}")
+            if record.get("eval_scl_loss") is not None:
+                parts.append(
+                    f"eval scl {record['eval_scl_loss']:.4f} gap {record['eval_cos_gap']:+.3f}"
+                )
         parts += [
             f"lr {record['lr']:.2e}",
             f"{t.global_batch_size * self.cfg.model.seq_length / step_time:,.0f} tok/s",
@@ -308,7 +319,7 @@ class Trainer:
                 signal.signal(s, self._on_signal)
             except ValueError:  # not the main thread: leave the handlers to the host
                 previous.pop(s)
-        window: list[float] = []
+        window: list[dict[str, Any]] = []
         last_saved = self.step if self.resume else -1
         stop_at = t.steps if max_steps is None else min(t.steps, self.step + max_steps)
         if self.step >= t.steps:
@@ -324,7 +335,7 @@ class Trainer:
             )
             while self.step < stop_at:
                 record = self.train_step()
-                window = [*window, record["step_time_s"]][-t.log_interval :]
+                window = [*window, record][-t.log_interval :]
                 if self.step % t.eval_interval == 0 or self.step == t.steps:
                     record.update(self.evaluate())
                 result.history.append(record)
@@ -333,7 +344,7 @@ class Trainer:
                 if cfg.logging.console and (
                     self.step % t.log_interval == 0 or self.step in (1, t.steps)
                 ):
-                    self._log_console(record, window)
+                    self._log_console(window)
                 if not math.isfinite(record["lm_loss"]):
                     raise FloatingPointError(f"LM loss is {record['lm_loss']} at step {self.step}")
                 if self.step % cfg.checkpoint.interval == 0 or self.stop_requested:
