@@ -178,3 +178,14 @@ def test_tokenizer_train_vocab_too_small_for_the_alphabet_exits_2(tmp_path, caps
     assert main([*argv, "--vocab-size", "300"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "vocab" in err
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    run_job, run_tests = blocks[0].strip(), blocks[1].strip()
+    assert readme.index(run_job) < readme.index("---")  # first thing in the file
+    assert run_job == "bash tools/setup.sh && .venv/bin/sci-scale train"
+    assert run_tests.startswith("bash tools/setup.sh && ")
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert run_tests in ci.splitlines()
