@@ -325,6 +325,36 @@ def test_cuda_literals_shim_runs_the_schedule_on_cpu(literals_result):
 # --- the registry itself -------------------------------------------------------------------------
 
 
+# --- 5. tensor_cuda -------------------------------------------------------------------------------
+
+TENSOR_CUDA_SCRIPT = """
+def move():
+    t = torch.arange(3.0)
+    moved = t.cuda()
+    return {"device": str(moved.device), "same": moved is t}
+
+attempt("unpatched", move)
+SHIMS["tensor_cuda"]()
+attempt("patched", move)
+"""
+
+
+@pytest.fixture(scope="module")
+def tensor_cuda_result() -> dict:
+    return run_script(TENSOR_CUDA_SCRIPT)
+
+
+@needs_cpu_only
+def test_tensor_cuda_is_needed(tensor_cuda_result):
+    # megatron's LanguageModule calls weight.data.cuda() on the last pipeline stage's tied
+    # output weight; on a CPU build that raises.
+    assert _failed_on_cuda(tensor_cuda_result["unpatched"])
+
+
+def test_tensor_cuda_shim_is_the_identity(tensor_cuda_result):
+    assert tensor_cuda_result["patched"] == {"ok": True, "value": {"device": "cpu", "same": True}}
+
+
 def test_shims_and_docstring_agree():
     doc = cpu_compat.__doc__ or ""
     listed = re.findall(r"^(\d+)\. ``(\w+)``", doc, flags=re.MULTILINE)

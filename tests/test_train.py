@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sci_scale.config import ConfigError
 from sci_scale.train import checkpoint as ckpt
 from sci_scale.train.checkpoint import latest_checkpoint
 from sci_scale.train.metrics import read_metrics
@@ -130,3 +131,24 @@ def test_default_job_end_to_end(tmp_path: Path) -> None:
     assert latest_checkpoint(run_dir / "checkpoints").name == "step_0000300"
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
     assert list((run_dir / "wandb").glob("offline-run-*"))  # wandb, offline by default
+
+
+@pytest.mark.parametrize(
+    ("mode", "fuse_layer"), [("selective", 1), ("full", 0)], ids=["selective", "full"]
+)
+def test_activation_recomputation_changes_nothing_but_memory(
+    make_config, tmp_path: Path, mode: str, fuse_layer: int
+) -> None:
+    common = ("train.steps=3", "model.num_layers=4", f"sci.fuse_layer={fuse_layer}")
+    plain = train(make_config(*common, run_dir=tmp_path / "plain"))
+    recomputed = train(make_config(*common, f"model.recompute={mode}", run_dir=tmp_path / mode))
+    assert any(r["scl_loss"] is not None for r in plain.history)
+    for a, b in zip(recomputed.history, plain.history, strict=True):
+        assert a["lm_loss"] == b["lm_loss"]
+        assert a["grad_norm"] == b["grad_norm"]
+        assert a.get("scl_loss") == b.get("scl_loss")
+
+
+def test_full_recomputation_needs_the_fusion_before_the_block(make_config) -> None:
+    with pytest.raises(ConfigError, match=r"model\.recompute=full with sci\.fuse_layer=1"):
+        make_config("model.recompute=full", "sci.fuse_layer=1")

@@ -216,6 +216,11 @@ def validate(cfg: Config) -> None:
         f"model.num_query_groups ({m.num_query_groups})",
     )
     _require(
+        m.num_attention_heads % p.tensor == 0,
+        f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+        f"parallel.tensor ({p.tensor})",
+    )
+    _require(
         m.num_query_groups % p.tensor == 0,
         f"model.num_query_groups ({m.num_query_groups}) must be divisible by "
         f"parallel.tensor ({p.tensor})",
@@ -226,6 +231,17 @@ def validate(cfg: Config) -> None:
     )
     _require(
         0 <= p.zero_stage <= 3, f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}"
+    )
+    _require(
+        p.pipeline == 1 or p.zero_stage <= 1,
+        f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: DeepSpeed "
+        "partitions gradients (ZeRO-2/3) only without pipeline parallelism; use zero_stage 0 or 1",
+    )
+    _require(
+        p.pipeline == 1 or p.zero_stage == 0 or s.lr_scale == 1.0 or s.mode == "off",
+        f"sci.lr_scale={s.lr_scale} with parallel.pipeline={p.pipeline} and ZeRO: the SCI "
+        "branch's own optimizer groups exist only on the first stage, and DeepSpeed needs the "
+        "same groups on every stage; use sci.lr_scale=1 or parallel.zero_stage=0",
     )
     _require(
         t.global_batch_size % t.micro_batch_size == 0,
@@ -280,6 +296,12 @@ def validate(cfg: Config) -> None:
             s.num_attention_heads % p.tensor == 0,
             f"sci.num_attention_heads ({s.num_attention_heads}) must be divisible by "
             f"parallel.tensor ({p.tensor})",
+        )
+        _require(
+            m.recompute != "full" or s.fuse_layer == 0,
+            f"model.recompute=full with sci.fuse_layer={s.fuse_layer}: full recomputation re-runs "
+            "layers inside megatron's checkpoint, where the SCI fusion and SCL gradient cannot be "
+            "replayed; use sci.fuse_layer=0, model.recompute=selective, or sci.mode=off",
         )
         _require(s.num_layers > 0, f"sci.num_layers must be positive, got {s.num_layers}")
         _require(s.tau > 0, f"sci.tau must be positive, got {s.tau}")

@@ -41,6 +41,8 @@ class ModelSection:
     attention_dropout: float = 0.0
     make_vocab_size_divisible_by: int = 64
     params_dtype: Dtype = "fp32"
+    # Activation recomputation: "selective" recomputes core attention, "full" whole layers.
+    recompute: Literal["none", "selective", "full"] = "none"
 
 
 @dataclass
@@ -124,6 +126,8 @@ class CheckpointSection:
     interval: int = 100
     keep_last: int = 2
     save_final: bool = True
+    save_initial: bool = False  # also write step 0 (the initial weights) before training
+    init_from: str | None = None  # a checkpoint directory whose weights start a new run
 
 
 @dataclass

@@ -29,31 +29,51 @@ class SCLOutput:
         return self.pos_cos - self.neg_cos
 
 
-def supervised_contrastive_loss(z: Tensor, templates: Tensor, tau: Tensor | float) -> SCLOutput:
-    """SCL over L2-normalised embeddings ``z`` [N, d] with integer template ids [N]."""
-    n = z.size(0)
-    if n < 2:
+def supervised_contrastive_loss(
+    z: Tensor,
+    templates: Tensor,
+    tau: Tensor | float,
+    anchors: Tensor | None = None,
+    normalizer: float | None = None,
+) -> SCLOutput:
+    """SCL over L2-normalised embeddings ``z`` [N, d] with integer template ids [N].
+
+    Rows with a negative template id are padding: neither anchor nor candidate. ``anchors``
+    (bool [N]) restricts which rows act as anchors (a data-parallel rank's own examples, while
+    every gathered row is a candidate); ``normalizer`` replaces the anchor count in the mean, so
+    that the ranks' losses average to the global one.
+    """
+    valid = templates >= 0
+    if int(valid.sum()) < 2:
         zero = z.sum() * 0.0
         return SCLOutput(zero, 0, float("nan"), float("nan"))
-    # At least fp32 (bf16 similarities divided by tau=0.1 lose the ranking); fp64 stays fp64.
-    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    # In fp64: the similarity matrix is tiny (examples of one micro-batch), and logits of
+    # magnitude 1/tau make fp32 rounding of the log-softmax comparable to a small SCL itself.
+    z = z.double()
+    n = z.size(0)
     sim = z @ z.t()
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    positive = (templates[:, None] == templates[None, :]) & ~eye
-    logits = (sim / tau).masked_fill(eye, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    pair_ok = valid[:, None] & valid[None, :] & ~eye
+    positive = (templates[:, None] == templates[None, :]) & pair_ok
+    logits = (sim / tau).masked_fill(~pair_ok, float("-inf"))
+    anchor_rows = valid if anchors is None else valid & anchors
     pos_count = positive.sum(dim=1)
-    has_pos = pos_count > 0
+    has_pos = (pos_count > 0) & anchor_rows
     num_anchors = int(has_pos.sum())
     with torch.no_grad():
-        negative = ~positive & ~eye
-        pos_cos = float(sim[positive].mean()) if positive.any() else float("nan")
+        rows = anchor_rows[:, None]
+        negative = pair_ok & ~positive & rows
+        pos_mask = positive & rows
+        pos_cos = float(sim[pos_mask].mean()) if pos_mask.any() else float("nan")
         neg_cos = float(sim[negative].mean()) if negative.any() else float("nan")
     if num_anchors == 0:
         return SCLOutput(z.sum() * 0.0, 0, pos_cos, neg_cos)
+    safe_logits = logits.masked_fill(~has_pos[:, None], 0.0)  # rows never used: keep finite
+    log_prob = safe_logits - torch.logsumexp(safe_logits, dim=1, keepdim=True)
     pos_log_prob = log_prob.masked_fill(~positive, 0.0).sum(dim=1)
     per_anchor = -pos_log_prob[has_pos] / pos_count[has_pos]
-    return SCLOutput(per_anchor.mean(), num_anchors, pos_cos, neg_cos)
+    denominator = float(num_anchors) if normalizer is None else normalizer
+    return SCLOutput(per_anchor.sum() / denominator, num_anchors, pos_cos, neg_cos)
 
 
 class Temperature(torch.nn.Module):

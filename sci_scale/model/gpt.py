@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from sci_scale.config.schema import Config
 from sci_scale.losses.aux import attach_aux_loss
+from sci_scale.losses.gather import gather_examples, global_example_count
 from sci_scale.losses.scl import SCLOutput, Temperature, supervised_contrastive_loss
 from sci_scale.model.sci_branch import SCIBranch
 from sci_scale.model.specs import kernel_fusion_flags, select_layer_spec
@@ -71,7 +74,21 @@ def backbone_transformer_config(cfg: Config) -> TransformerConfig:
         **kernel_fusion_flags(),
         cross_entropy_loss_fusion=False,
         batch_p2p_sync=False,
+        **recompute_settings(m.recompute),
     )
+
+
+def recompute_settings(mode: str) -> dict[str, object]:
+    """megatron's activation recomputation: selective = core attention, full = every layer."""
+    if mode == "selective":
+        return {"recompute_granularity": "selective"}
+    if mode == "full":
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        }
+    return {}
 
 
 @dataclass
@@ -164,7 +181,9 @@ class SCIGPTModel(MegatronModule):
         self._pending = None
         if fusion is not None:
             hidden = hidden + fusion
-        if scl is not None and self.scl_trains and scl.num_anchors > 0:
+        if scl is not None and self.scl_trains and scl.loss.requires_grad:
+            # Attached even when this rank has no anchor of its own: with data parallelism the
+            # backward of the embedding all-gather is a collective every rank must enter.
             hidden = attach_aux_loss(hidden, scl.loss, self.scl_scale)
         return hidden
 
@@ -182,24 +201,56 @@ class SCIGPTModel(MegatronModule):
         self, embeddings: Tensor, example_ids: Tensor, template_ids: Tensor | None
     ) -> tuple[Tensor | None, SCLOutput | None]:
         assert self.sci is not None
-        has_pairs = template_ids is not None and bool((template_ids >= 0).any())
-        if not self.cfg.sci.fuse and not has_pairs:
+        local_count = 0 if template_ids is None else int((template_ids >= 0).sum())
+        dp_group = self._dp_group()
+        n_max, total = (
+            global_example_count(local_count, dp_group)
+            if dp_group is not None
+            else (local_count, local_count)
+        )
+        if not self.cfg.sci.fuse and total == 0:
             return None, None  # nothing to fuse and nothing to contrast: skip the branch
         states = self.sci.encode(embeddings, example_ids)
         fusion = self.sci.fusion(states) if self.cfg.sci.fuse else None
-        scl = None
-        if has_pairs:
-            assert template_ids is not None
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.scl_trains):
-                z, templates = self.sci.embed(states, example_ids, template_ids)
+        if total == 0:
+            return fusion, None
+        assert template_ids is not None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.scl_trains):
+            z, templates = self.sci.embed(states, example_ids, template_ids)
+            if dp_group is None:
                 scl = supervised_contrastive_loss(z, templates, self.temperature())
-            if scl.num_anchors > 0:
-                self.records.append(
-                    SCIStepRecord(
-                        float(scl.loss.detach()), scl.num_anchors, scl.pos_cos, scl.neg_cos
-                    )
-                )
+            else:
+                scl = self._data_parallel_scl(z, templates, n_max, total, dp_group)
+        self.records.append(
+            SCIStepRecord(float(scl.loss.detach()), scl.num_anchors, scl.pos_cos, scl.neg_cos)
+        )
         return fusion, scl
+
+    @staticmethod
+    def _dp_group():
+        """The data-parallel group when there is more than one data-parallel rank."""
+        if not dist.is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+            return None
+        return parallel_state.get_data_parallel_group()
+
+    def _data_parallel_scl(
+        self, z: Tensor, templates: Tensor, n_max: int, total: int, group
+    ) -> SCLOutput:
+        """This rank's share of the global SCL: its anchors against every rank's examples,
+        scaled so that the data-parallel mean of the shares is the global loss."""
+        g = gather_examples(z, templates, n_max, total, group)
+        all_t = g.templates
+        same = (all_t[:, None] == all_t[None, :]) & (all_t[:, None] >= 0)
+        same.fill_diagonal_(False)
+        global_anchors = int(same.any(dim=1).sum())
+        dp = dist.get_world_size(group)
+        return supervised_contrastive_loss(
+            g.z,
+            all_t,
+            self.temperature(),
+            anchors=g.local,
+            normalizer=max(global_anchors, 1) / dp,
+        )
 
     def forward(
         self,

@@ -127,9 +127,8 @@ class SCIBranch(MegatronModule):
     ) -> tuple[Tensor, Tensor]:
         """L2-normalised z [N, d] and template ids [N] of every example with a template."""
         valid = template_ids >= 0  # [b, E]
-        if not bool(valid.any()):
-            empty = states.new_zeros(0, self.sci.embed_dim)
-            return empty, template_ids.new_zeros(0)
+        # No early return for a block without examples: the (empty) result stays part of the
+        # graph, so a data-parallel rank without pair examples still joins the gather's backward.
         pooled = self.pool(states, example_ids, template_ids.size(1))
         z = F.normalize(self.head(pooled[valid]).float(), dim=-1)
         return z, template_ids[valid]

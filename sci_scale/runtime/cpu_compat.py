@@ -14,6 +14,9 @@ Shims (numbers follow ``reference/platform.md``):
    ``torch.cuda.synchronize()`` after host copies; on CPU there is nothing to wait for.
 4. ``cuda_literals``: modules that allocate with a literal ``device="cuda"`` get a torch proxy
    whose tensor factories map that device to the CPU (e.g. the schedules' token counter).
+5. ``tensor_cuda``: ``Tensor.cuda()`` is the identity. megatron moves the tied output weight of
+   the last pipeline stage with ``weight.data.cuda()`` before the all-reduce that copies the
+   first stage's embedding into it; a method call cannot be redirected per module.
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ def _shim_synchronize() -> None:
     torch.cuda.synchronize = lambda *_args, **_kwargs: None  # type: ignore[assignment]
 
 
+def _shim_tensor_cuda() -> None:
+    torch.Tensor.cuda = lambda self, *_args, **_kwargs: self  # type: ignore[method-assign]
+
+
 def _cpu_get_rng_state(*_args: Any, **_kwargs: Any) -> torch.Tensor:
     return torch.get_rng_state()
 
@@ -127,6 +134,7 @@ SHIMS = {
     "current_device": _shim_current_device,
     "synchronize": _shim_synchronize,
     "cuda_literals": _shim_cuda_literals,
+    "tensor_cuda": _shim_tensor_cuda,
 }
 
 

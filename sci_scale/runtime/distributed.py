@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from sci_scale.config.loader import ConfigError
 from sci_scale.runtime.cpu_compat import apply_cpu_compat
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def init_distributed(tensor: int = 1, pipeline: int = 1) -> DistEnv:
     rank, world, local_rank = read_dist_env()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if tensor * pipeline > world or world % (tensor * pipeline) != 0:
-        raise ValueError(
+        # Raised on every rank before any process group exists: nothing can hang on it.
+        raise ConfigError(
             f"parallel layout does not fit: parallel.tensor ({tensor}) x parallel.pipeline "
             f"({pipeline}) = {tensor * pipeline} must divide the world size ({world})"
         )

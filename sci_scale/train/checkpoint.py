@@ -4,7 +4,8 @@ Layout under ``RUN_DIR/checkpoints``::
 
     step_0000100/
         model/                 megatron dist_checkpointing (reshardable to another TP/PP)
-        rank_00000.pt          optimizer state and RNG states of global rank 0 (one per rank)
+        rank_00000.pt          RNG states (and, without DeepSpeed, optimizer state) of rank 0
+        deepspeed/             ZeRO-partitioned optimizer state (DeepSpeed's format), if used
         run_state.pt           step, consumed samples, config, tokenizer identity
     latest                     text file naming the newest complete checkpoint
 
@@ -16,10 +17,12 @@ POSIX). A crash at any moment leaves ``latest`` naming a complete checkpoint. Lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,8 @@ from megatron.core import dist_checkpointing, tensor_parallel
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "zero"
 FORMAT_VERSION = 1
 
 
@@ -45,6 +50,7 @@ class RunState:
 
     step: int
     consumed_samples: int
+    world_size: int
     config: dict[str, Any]
     tokenizer: dict[str, Any]
 
@@ -53,13 +59,20 @@ class RunState:
             "format_version": FORMAT_VERSION,
             "step": self.step,
             "consumed_samples": self.consumed_samples,
+            "world_size": self.world_size,
             "config": self.config,
             "tokenizer": self.tokenizer,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunState:
-        return cls(data["step"], data["consumed_samples"], data["config"], data["tokenizer"])
+        return cls(
+            data["step"],
+            data["consumed_samples"],
+            data["world_size"],
+            data["config"],
+            data["tokenizer"],
+        )
 
 
 def _rank() -> int:
@@ -153,7 +166,9 @@ class CheckpointManager:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         run_state: RunState,
+        engine: Any = None,
     ) -> Path:
+        """Write a complete checkpoint (collective: every rank calls it)."""
         name = step_dir_name(run_state.step)
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
@@ -163,11 +178,14 @@ class CheckpointManager:
                 shutil.rmtree(stale)  # left by a save that crashed
             (tmp / "model").mkdir(parents=True)
         _barrier()
-        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
-        _save_torch(
-            {"optimizer": optimizer.state_dict(), "rng": capture_rng_state()},
-            tmp / f"rank_{_rank():05d}.pt",
-        )
+        with full_parameters(engine, model):
+            dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+        rank_state: dict[str, Any] = {"rng": capture_rng_state()}
+        if engine is None:
+            rank_state["optimizer"] = optimizer.state_dict()
+        else:  # ZeRO-partitioned optimizer state, in DeepSpeed's own format
+            engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        _save_torch(rank_state, tmp / f"rank_{_rank():05d}.pt")
         _barrier()
         if _rank() == 0:
             # run_state.pt is written last: its presence marks the directory complete.
@@ -193,27 +211,63 @@ class CheckpointManager:
             if old != keep:
                 shutil.rmtree(old)
 
-    @staticmethod
-    def load(
-        path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
-    ) -> RunState:
-        """Load weights (any TP/PP layout) and, when given, this rank's optimizer and RNG."""
-        state = torch.load(path / "run_state.pt", weights_only=True)
-        if state.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path}: checkpoint format {state.get('format_version')}, "
-                f"this sci-scale reads {FORMAT_VERSION}"
-            )
-        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(path / "model"))
-        model.load_state_dict(loaded)
-        if optimizer is not None:
-            rank_file = path / f"rank_{_rank():05d}.pt"
-            if not rank_file.exists():
-                raise CheckpointError(
-                    f"{rank_file} is missing: the checkpoint was written with a different "
-                    "number of ranks; load the weights only (a new run) or use the saving layout"
-                )
-            rank_state = torch.load(rank_file, weights_only=True)
-            optimizer.load_state_dict(rank_state["optimizer"])
-            restore_rng_state(rank_state["rng"])
-        return RunState.from_dict(state)
+
+def read_run_state(path: Path) -> RunState:
+    if not (path / "run_state.pt").exists():
+        raise CheckpointError(f"{path} is not a sci-scale checkpoint (no run_state.pt)")
+    state = torch.load(path / "run_state.pt", weights_only=True)
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {state.get('format_version')}, "
+            f"this sci-scale reads {FORMAT_VERSION}"
+        )
+    return RunState.from_dict(state)
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> RunState:
+    """Model weights from a checkpoint saved at any TP/PP layout (megatron reshards them).
+
+    Call before the model is handed to DeepSpeed: ZeRO-3 partitions what it is given."""
+    state = read_run_state(path)
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(path / "model"))
+    model.load_state_dict(loaded)
+    return state
+
+
+def load_training_state(
+    path: Path, optimizer: torch.optim.Optimizer, engine: Any, same_layout: bool
+) -> bool:
+    """This rank's optimizer and RNG state; False (and a warning) when the layout changed."""
+    rank_file = path / f"rank_{_rank():05d}.pt"
+    if not same_layout or not rank_file.exists():
+        log.warning(
+            "%s was saved at another parallel layout: weights resharded, optimizer state "
+            "reinitialised (Adam moments restart from zero)",
+            path,
+        )
+        return False
+    rank_state = torch.load(rank_file, weights_only=True)
+    if engine is None:
+        optimizer.load_state_dict(rank_state["optimizer"])
+    else:
+        engine.load_checkpoint(
+            str(path / DEEPSPEED_DIR),
+            tag=DEEPSPEED_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=False,
+        )
+    restore_rng_state(rank_state["rng"])
+    return True
+
+
+@contextlib.contextmanager
+def full_parameters(engine: Any, model: torch.nn.Module) -> Iterator[None]:
+    """Whole parameters for the duration (ZeRO-3 keeps only a partition on each rank)."""
+    if engine is None or engine.zero_optimization_stage() < 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield

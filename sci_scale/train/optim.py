@@ -20,20 +20,26 @@ def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """Trainable parameters split by (weight decay, lr scale); empty groups are dropped."""
-    buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    """Trainable parameters split by (weight decay, lr scale); empty groups are dropped.
+
+    The SCI branch gets groups of its own only when ``sci.lr_scale`` differs from 1: every
+    pipeline stage then has the same two groups, which DeepSpeed's ZeRO needs (it reduces the
+    gradient norm group by group across stages, so unequal group counts would deadlock).
+    """
+    buckets: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         is_sci = name.startswith("sci.") or name.startswith("temperature.")
-        buckets.setdefault((_no_decay(name, param), is_sci), []).append(param)
+        lr_scale = cfg.sci.lr_scale if is_sci else 1.0
+        buckets.setdefault((_no_decay(name, param), lr_scale), []).append(param)
     groups = []
-    for (no_decay, is_sci), params in sorted(buckets.items()):
+    for (no_decay, lr_scale), params in sorted(buckets.items()):
         groups.append(
             {
                 "params": params,
                 "weight_decay": 0.0 if no_decay else cfg.train.weight_decay,
-                "lr_scale": cfg.sci.lr_scale if is_sci else 1.0,
+                "lr_scale": lr_scale,
             }
         )
     return groups

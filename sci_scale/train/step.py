@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
-import torch
 from torch import Tensor
 
 from sci_scale.model.gpt import SCIGPTModel
@@ -20,28 +19,32 @@ from sci_scale.model.gpt import SCIGPTModel
 
 @dataclass
 class BatchCounter:
-    """Blocks and tokens seen by this rank's forward steps (pair blocks counted apart)."""
+    """Blocks and tokens seen by this rank's forward steps (pair blocks counted apart), and
+    the factor that turns a micro-batch's summed LM loss into its share of the step's loss."""
 
     blocks: int = 0
     pair_blocks: int = 0
     tokens: int = 0
+    loss_scale: float = 1.0
 
-    def reset(self) -> None:
+    def reset(self, loss_scale: float = 1.0) -> None:
         self.blocks = self.pair_blocks = self.tokens = 0
+        self.loss_scale = loss_scale
 
 
 def lm_loss_func(
-    loss_mask: Tensor, lm_weight: float, output_tensor: Tensor
+    loss_mask: Tensor, scale: float, output_tensor: Tensor
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean LM loss over the micro-batch's unmasked tokens.
+    """The micro-batch's summed LM loss times ``scale``.
 
-    ``lm_weight`` is 0 in ``sci.mode=sci_only`` (the backbone is frozen; only SCL trains): the
-    graph still runs backward, so the SCL gradient attached to the hidden states is delivered.
+    The trainer sets ``scale = num_microbatches * dp / global_tokens`` (0 in
+    ``sci.mode=sci_only``): after the schedule's division by the number of micro-batches and the
+    data-parallel gradient average, the step optimises the mean over every token of the global
+    batch, whatever the split into micro-batches and ranks. A zero scale still runs backward, so
+    the SCL gradient attached to the hidden states is delivered.
     """
-    losses = output_tensor.float()
-    mask = loss_mask.float()
-    lm = (losses * mask).sum() / mask.sum().clamp(min=1.0)
-    return lm * lm_weight, {"lm_loss": lm.detach(), "tokens": mask.sum().detach()}
+    lm_sum = (output_tensor.float() * loss_mask.float()).sum()
+    return lm_sum * scale, {"lm_sum": lm_sum.detach(), "tokens": loss_mask.sum().detach()}
 
 
 def make_forward_step(counter: BatchCounter):
@@ -50,7 +53,8 @@ def make_forward_step(counter: BatchCounter):
         counter.blocks += batch["tokens"].size(0)
         counter.pair_blocks += int((batch["template_ids"][:, 0] >= 0).sum())
         counter.tokens += batch["tokens"].numel()
-        device = next(model.parameters()).device
+        module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+        device = next(module.parameters()).device
         b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         output = model(
             b["tokens"],
@@ -60,13 +64,11 @@ def make_forward_step(counter: BatchCounter):
             example_ids=b["example_ids"],
             template_ids=b["template_ids"],
         )
-        weight = 1.0 if model.lm_trains else 0.0
-        return output, partial(lm_loss_func, b["loss_mask"], weight)
+        scale = counter.loss_scale if module.lm_trains else 0.0
+        return output, partial(lm_loss_func, b["loss_mask"], scale)
 
     return forward_step
 
 
-def mean_of(records: list[dict[str, Tensor]], key: str) -> float:
-    if not records:
-        return float("nan")
-    return float(torch.stack([r[key].float() for r in records]).mean())
+def sum_of(records: list[dict[str, Tensor]], key: str) -> float:
+    return float(sum(float(r[key]) for r in records))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -37,10 +38,20 @@ from sci_scale.train.checkpoint import (
     CheckpointManager,
     RunState,
     latest_checkpoint,
+    load_training_state,
+    load_weights,
 )
+from sci_scale.train.engine import ScheduleView, build_engine
+from sci_scale.train.grads import (
+    allreduce_data_parallel_grads,
+    allreduce_tied_embedding_grads,
+    clip_grad_norm,
+    mark_tied_output_copy,
+)
+from sci_scale.train.memory import state_bytes
 from sci_scale.train.metrics import MetricsSink
 from sci_scale.train.optim import build_optimizer, lr_at, set_lr
-from sci_scale.train.step import BatchCounter, make_forward_step, mean_of
+from sci_scale.train.step import BatchCounter, make_forward_step, sum_of
 
 log = logging.getLogger("sci_scale.train")
 
@@ -64,26 +75,49 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _sci_summary(records: list) -> dict[str, float]:
-    """Anchor-weighted means over micro-batches; a cosine a micro-batch could not measure
-    (no negative in it, say) is left out rather than turning the mean into NaN."""
-    if not records:
+def _sci_summary(records: list, reduce: bool = True) -> dict[str, float]:
+    """Step SCL = mean over the micro-batches that had pair examples of their (global) SCL.
+
+    Each data-parallel rank records its share of every such micro-batch's loss (see
+    ``SCIGPTModel._data_parallel_scl``); the mean of the shares over ranks is the global value.
+    Cosines are averaged over the micro-batches (and ranks) that could measure them.
+    Only first-stage ranks hold records; they alone take part in the reduction.
+    """
+    stats = torch.zeros(6, dtype=torch.float64)
+    stats[0] = len(records)
+    for r in records:
+        stats[1] += r.scl
+        stats[2] += r.num_anchors
+        if math.isfinite(r.pos_cos):
+            stats[3] += r.pos_cos
+            stats[4] += 1
+    neg = torch.zeros(2, dtype=torch.float64)
+    for r in records:
+        if math.isfinite(r.neg_cos):
+            neg[0] += r.neg_cos
+            neg[1] += 1
+    stats = torch.cat([stats[:5], neg])
+    dp = parallel_state.get_data_parallel_world_size()
+    if reduce and dp > 1 and parallel_state.is_pipeline_first_stage():
+        dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+        stats[0] /= dp  # every rank records the same micro-batches
+        stats[1] /= dp  # shares are scaled by dp (the gradient average divides by it)
+    n_mb, scl_sum, anchors, pos_sum, pos_n, neg_sum, neg_n = stats.tolist()
+    if n_mb == 0:
         return {}
-
-    def avg(attr: str) -> float:
-        pairs = [(getattr(r, attr), r.num_anchors) for r in records]
-        pairs = [(v, w) for v, w in pairs if math.isfinite(v)]
-        total = sum(w for _, w in pairs)
-        return sum(v * w for v, w in pairs) / total if total else float("nan")
-
-    pos, neg = avg("pos_cos"), avg("neg_cos")
+    pos = pos_sum / pos_n if pos_n else float("nan")
+    neg_cos = neg_sum / neg_n if neg_n else float("nan")
     return {
-        "scl_loss": avg("scl"),
+        "scl_loss": scl_sum / n_mb,
         "pos_cos": pos,
-        "neg_cos": neg,
-        "cos_gap": pos - neg,
-        "scl_anchors": sum(r.num_anchors for r in records),
+        "neg_cos": neg_cos,
+        "cos_gap": pos - neg_cos,
+        "scl_anchors": int(anchors),
     }
+
+
+def layout_summary(tp: int, pp: int, dp: int, zero_stage: int) -> str:
+    return f"TP{tp} x PP{pp} x DP{dp}, ZeRO-{zero_stage}"
 
 
 class Trainer:
@@ -98,11 +132,6 @@ class Trainer:
         cfg = self.cfg
         self.env = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
         dp = parallel_state.get_data_parallel_world_size()
-        if self.env.world_size > 1:
-            raise ConfigError(
-                f"this trainer runs one process (world size {self.env.world_size} given); "
-                "multi-process layouts need the DeepSpeed data-parallel engine"
-            )
         t = cfg.train
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ConfigError(
@@ -138,27 +167,52 @@ class Trainer:
             n_sci / 1e6,
             cfg.sci.mode,
         )
-        self.optimizer = build_optimizer(self.model, cfg)
+        log.info(
+            "layout: %s (%d process%s)",
+            layout_summary(cfg.parallel.tensor, cfg.parallel.pipeline, dp, cfg.parallel.zero_stage),
+            self.env.world_size,
+            "" if self.env.world_size == 1 else "es",
+        )
+        self.tied_weight = mark_tied_output_copy(self.model)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.forward_backward = get_forward_backward_func()
         self.counter = BatchCounter()
-        self.forward_step = make_forward_step(self.counter)
+        self.memory: dict[str, int] | None = None
 
+        # Weights first (before DeepSpeed: ZeRO-3 partitions what it is handed), then the engine,
+        # then the optimizer state that lives in it.
         self.step, self.consumed_samples = 0, 0
+        resume_from: Path | None = None
         if self.resume:
-            path = latest_checkpoint(self.checkpoints.root)
-            if path is None:
+            resume_from = latest_checkpoint(self.checkpoints.root)
+            if resume_from is None:
                 raise CheckpointError(
                     f"--resume: no checkpoint under {self.checkpoints.root} (nothing to resume)"
                 )
-            state = self.checkpoints.load(path, self.model, self.optimizer)
+            state = load_weights(resume_from, self.model)
             self._check_resumable(state)
             self.step, self.consumed_samples = state.step, state.consumed_samples
+        elif cfg.checkpoint.init_from:
+            load_weights(Path(cfg.checkpoint.init_from), self.model)
+            log.info("initial weights from %s", cfg.checkpoint.init_from)
+
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.engine = None
+        self.schedule_model: Any = self.model
+        if cfg.parallel.zero_stage > 0:
+            self.engine, _ = build_engine(self.model, self.optimizer, cfg)
+            self.schedule_model = ScheduleView(self.engine)
+        self.first_step = self.step + 1
+        if resume_from is not None:
+            same = load_training_state(
+                resume_from, self.optimizer, self.engine, self._same_layout(state)
+            )
             log.info(
-                "resumed from %s: step %d, %d samples consumed",
-                path,
+                "resumed from %s: step %d, %d samples consumed%s",
+                resume_from,
                 self.step,
                 self.consumed_samples,
+                "" if same else " (optimizer state reinitialised)",
             )
         self.metrics = (
             MetricsSink(
@@ -173,6 +227,16 @@ class Trainer:
             else None
         )
 
+    def _same_layout(self, state: RunState) -> bool:
+        saved = state.config.get("parallel", {})
+        now = self.cfg.parallel
+        return (
+            saved.get("tensor") == now.tensor
+            and saved.get("pipeline") == now.pipeline
+            and saved.get("zero_stage") == now.zero_stage
+            and state.world_size == self.env.world_size
+        )
+
     def _check_resumable(self, state: RunState) -> None:
         ours = tokenizer_identity(self.data.tokenizer.model_path)
         if state.tokenizer.get("sha256") != ours["sha256"]:
@@ -185,17 +249,87 @@ class Trainer:
         return RunState(
             step=self.step,
             consumed_samples=self.consumed_samples,
+            world_size=self.env.world_size,
             config=config_to_dict(self.cfg),
             tokenizer=tokenizer_identity(self.data.tokenizer.model_path),
         )
 
     def _save(self) -> Path:
         t0 = time.perf_counter()
-        path = self.checkpoints.save(self.model, self.optimizer, self._run_state())
+        path = self.checkpoints.save(self.model, self.optimizer, self._run_state(), self.engine)
         log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
         return path
 
     # -- one step ------------------------------------------------------------------------
+    def _global_tokens(self, microbatches: list[dict[str, torch.Tensor]]) -> float:
+        tokens = torch.tensor(sum(float(b["loss_mask"].sum()) for b in microbatches))
+        if self.dp_size > 1:
+            dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+        return max(float(tokens), 1.0)
+
+    def _reduce_lm(self, lm_sums: float, global_tokens: float) -> float:
+        """The step's mean LM loss, known on every rank (the last stage computes it)."""
+        value = torch.tensor(lm_sums / global_tokens, dtype=torch.float64)
+        if self.dp_size > 1:
+            dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
+        return float(value)
+
+    def _run_schedule(self, dataset: Any, start: int, num_mb: int, forward_only: bool):
+        """Micro-batches ``start..`` of ``dataset`` through megatron's schedule.
+
+        Returns (summed LM loss of this rank's micro-batches, global token count, counter)."""
+        t = self.cfg.train
+        source = MicroBatches(
+            dataset, start, t.micro_batch_size, self.dp_rank, self.dp_size, wrap=forward_only
+        )
+        microbatches = [next(source) for _ in range(num_mb)]
+        global_tokens = self._global_tokens(microbatches)
+        counter = self.counter if not forward_only else BatchCounter()
+        counter.reset(loss_scale=num_mb * self.dp_size / global_tokens)
+        losses = self.forward_backward(
+            forward_step_func=make_forward_step(counter),
+            data_iterator=iter(microbatches),
+            model=[self.schedule_model],
+            num_microbatches=num_mb,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=forward_only,
+        )
+        return sum_of(losses, "lm_sum"), global_tokens, counter
+
+    def _apply_gradients(self) -> float:
+        """Reduce, clip and apply the accumulated gradients; returns the global grad norm."""
+        clip = self.cfg.train.clip_grad
+        allreduce_tied_embedding_grads(self.tied_weight)
+        measure = self.memory is None
+        if measure:  # the first step: gradients are at their peak now, optimizer state after
+            grads = state_bytes(self.model, self.optimizer, self.engine)["grads"]
+        if self.engine is not None:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            norm = float(norm) if norm is not None else float("nan")
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            allreduce_data_parallel_grads(params)
+            norm = clip_grad_norm(params, clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if measure:
+            after = state_bytes(self.model, self.optimizer, self.engine)
+            self.memory = {
+                "params": after["params"],
+                "grads": grads,
+                "optimizer": after["optimizer"],
+            }
+            log.info(
+                "memory of rank %d: parameters %.2f MB, gradients %.2f MB, optimizer state %.2f MB",
+                self.env.rank,
+                *(self.memory[k] / 2**20 for k in ("params", "grads", "optimizer")),
+            )
+        return norm
+
     def train_step(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         step = self.step + 1
@@ -203,72 +337,50 @@ class Trainer:
         set_lr(self.optimizer, lr)
         alpha = alpha_at(step, cfg.sci.alpha, cfg.sci.alpha_warmup_steps)
         self.model.scl_scale = alpha / self.num_microbatches
-        self.counter.reset()
         self.model.take_records()
-        batches = MicroBatches(
-            self.data.train, self.consumed_samples, t.micro_batch_size, self.dp_rank, self.dp_size
-        )
         start = time.perf_counter()
-        losses = self.forward_backward(
-            forward_step_func=self.forward_step,
-            data_iterator=batches,
-            model=[self.model],
-            num_microbatches=self.num_microbatches,
-            seq_length=cfg.model.seq_length,
-            micro_batch_size=t.micro_batch_size,
-            forward_only=False,
+        lm_sums, global_tokens, counter = self._run_schedule(
+            self.data.train, self.consumed_samples, self.num_microbatches, forward_only=False
         )
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, max_norm=t.clip_grad if t.clip_grad > 0 else math.inf
-        )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self._apply_gradients()
         elapsed = time.perf_counter() - start
         self.step = step
         self.consumed_samples += t.global_batch_size
+        blocks = torch.tensor([counter.blocks, counter.pair_blocks, counter.tokens])
+        if self.dp_size > 1:
+            dist.all_reduce(blocks, group=parallel_state.get_data_parallel_group())
         record: dict[str, Any] = {
             "step": step,
-            "lm_loss": mean_of(losses, "lm_loss"),
+            "lm_loss": self._reduce_lm(lm_sums, global_tokens),
             "scl_loss": None,
-            "tokens_per_s": self.counter.tokens * self.dp_size / elapsed,
+            "tokens_per_s": int(blocks[2]) / elapsed,
             "step_time_s": elapsed,
             "lr": lr,
             "alpha": alpha,
-            "grad_norm": float(grad_norm),
-            "pair_blocks": self.counter.pair_blocks,
-            "blocks": self.counter.blocks,
+            "grad_norm": grad_norm,
+            "pair_blocks": int(blocks[1]),
+            "blocks": int(blocks[0]),
             "consumed_samples": self.consumed_samples,
         }
         record.update(_sci_summary(self.model.take_records()))
+        if step == self.first_step:
+            record.update({f"mem_{k}_mb": v / 2**20 for k, v in self.memory.items()})
         return record
 
     # -- eval ----------------------------------------------------------------------------
     def _forward_only(self, dataset: Any, batches: int) -> tuple[float, dict[str, float]]:
-        t = self.cfg.train
         self.model.eval()
         self.model.take_records()
-        iterator = MicroBatches(
-            dataset, 0, t.micro_batch_size, self.dp_rank, self.dp_size, wrap=True
-        )
         with torch.no_grad():
-            losses = self.forward_backward(
-                forward_step_func=make_forward_step(BatchCounter()),
-                data_iterator=iterator,
-                model=[self.model],
-                num_microbatches=batches,
-                seq_length=self.cfg.model.seq_length,
-                micro_batch_size=t.micro_batch_size,
-                forward_only=True,
-            )
+            lm_sums, global_tokens, _ = self._run_schedule(dataset, 0, batches, forward_only=True)
         self.model.train()
-        return mean_of(losses, "lm_loss"), _sci_summary(self.model.take_records())
+        return self._reduce_lm(lm_sums, global_tokens), _sci_summary(self.model.take_records())
 
     def evaluate(self) -> dict[str, float]:
         batches = self.cfg.train.eval_batches
         lm, _ = self._forward_only(self.data.valid_corpus, batches)
         out = {"eval_lm_loss": lm, "eval_ppl": math.exp(min(lm, 50.0))}
-        if self.model.sci is not None and self.data.heldout_pairs is not None:
+        if self.cfg.sci.mode != "off" and self.data.heldout_pairs is not None:
             _, sci = self._forward_only(self.data.heldout_pairs, batches)
             out.update({f"eval_{k}": v for k, v in sci.items()})
         return out
@@ -321,6 +433,9 @@ class Trainer:
                 previous.pop(s)
         window: list[dict[str, Any]] = []
         last_saved = self.step if self.resume else -1
+        if cfg.checkpoint.save_initial and self.step == 0:
+            result.checkpoint = self._save()
+            last_saved = 0
         stop_at = t.steps if max_steps is None else min(t.steps, self.step + max_steps)
         if self.step >= t.steps:
             log.info("nothing to do: step %d already reached train.steps=%d", self.step, t.steps)

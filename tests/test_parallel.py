@@ -1,0 +1,191 @@
+"""Parallel layouts reproduce the single-process run: TP, PP, DP under ZeRO 1/2/3, combinations.
+
+Every layout starts from the same initial weights (a step-0 checkpoint of the single-process
+reference, resharded by megatron's distributed checkpointing) and reads the same global batches,
+so its per-step LM loss and SCL must equal the reference's. Multi-process runs go through
+torchrun on CPU with gloo, each in its own process group with a timeout, killed on expiry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import small_overrides
+
+from sci_scale.config import ConfigError, load_config
+from sci_scale.train.metrics import read_metrics
+from sci_scale.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+RTOL = 1e-5
+STEPS = 5
+TIMEOUT_S = 300
+
+# The reference: 4 layers (so that PP=2 keeps sci.fuse_layer=1 on the first stage), micro-batch 4,
+# two micro-batches per step, a quarter of the blocks pair blocks, clipping active. The learning
+# rate is the tiny config's / 10: at 2e-3 with a 2-step warm-up, Adam turns last-bit differences
+# of reduction order (summing tensor-parallel partial products, a tied embedding's two
+# gradients) into 1e-4 differences within five steps (its update g / (|g| + eps) is O(lr) even
+# for gradients at rounding level); the comparison is of the implementations, not of that chaos.
+PARALLEL = [
+    "train.lr=2e-4",
+    "train.min_lr=2e-5",
+    "model.num_layers=4",
+    f"train.steps={STEPS}",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "train.log_interval=1",
+    "train.eval_interval=1000",
+    "train.clip_grad=0.5",
+    "checkpoint.keep_last=0",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int, overrides: list[str], *extra: str) -> subprocess.CompletedProcess:
+    """``torchrun -m sci_scale train`` with a hard timeout that kills the whole process group."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}", "-m", "sci_scale", "train", *overrides, *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish in {TIMEOUT_S}s:\n{out[-2000:]}{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The single-process run; its step-0 checkpoint is everyone's initial weights."""
+    root = tmp_path_factory.mktemp("parallel")
+    cache = root / "cache"
+    run_dir = root / "reference"
+    base = [*small_overrides(run_dir, cache), *PARALLEL]
+    train(load_config(None, [*base, "checkpoint.save_initial=true"]))
+    records = read_metrics(run_dir)
+    assert any(r["scl_loss"] is not None for r in records)  # pair blocks are present
+    init = run_dir / "checkpoints" / "step_0000000"
+    return {"root": root, "cache": cache, "records": records, "init": init}
+
+
+def layout_overrides(reference: dict, name: str, *layout: str) -> list[str]:
+    run_dir = reference["root"] / name
+    return [
+        *small_overrides(run_dir, reference["cache"]),
+        *PARALLEL,
+        f"checkpoint.init_from={reference['init']}",
+        *layout,
+    ]
+
+
+def assert_same_trajectory(records: list[dict], expected: list[dict], steps=None) -> None:
+    steps = steps or [r["step"] for r in expected]
+    got = {r["step"]: r for r in records}
+    want = {r["step"]: r for r in expected}
+    for step in steps:
+        for key in ("lm_loss", "scl_loss"):
+            a, b = got[step][key], want[step][key]
+            if b is None:
+                assert a is None, (step, key)
+            else:
+                assert a == pytest.approx(b, rel=RTOL), (step, key, a, b)
+
+
+LAYOUTS = {
+    "tp2": (2, ["parallel.tensor=2"]),
+    "pp2": (2, ["parallel.pipeline=2"]),
+    "dp2_zero1": (2, ["parallel.zero_stage=1", "train.micro_batch_size=2"]),
+    "dp2_zero2": (2, ["parallel.zero_stage=2", "train.micro_batch_size=2"]),
+    "dp2_zero3": (2, ["parallel.zero_stage=3", "train.micro_batch_size=2"]),
+    "tp2_pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+    "tp2_dp2_zero1": (
+        4,
+        ["parallel.tensor=2", "parallel.zero_stage=1", "train.micro_batch_size=2"],
+    ),
+    "pp2_dp2_zero1": (
+        4,
+        ["parallel.pipeline=2", "parallel.zero_stage=1", "train.micro_batch_size=2"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(reference: dict, name: str) -> None:
+    nproc, layout = LAYOUTS[name]
+    overrides = layout_overrides(reference, name, *layout)
+    proc = torchrun(nproc, overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "layout: TP" in proc.stdout
+    assert_same_trajectory(read_metrics(reference["root"] / name), reference["records"])
+
+
+def test_grad_accumulation_matches_one_large_micro_batch(make_config, tmp_path: Path) -> None:
+    """4 x micro-batch 1 == 1 x micro-batch 4 for the LM loss. The SCL is contrastive over the
+    examples of one micro-batch (x data-parallel ranks), so splitting a micro-batch changes its
+    negatives by definition; alpha=0 keeps it out of the weights and the LM comparison exact."""
+    common = ("train.steps=4", "train.global_batch_size=4", "sci.alpha=0", "train.clip_grad=0.5")
+    whole = train(make_config(*common, "train.micro_batch_size=4", run_dir=tmp_path / "mb4"))
+    split = train(make_config(*common, "train.micro_batch_size=1", run_dir=tmp_path / "mb1"))
+    for a, b in zip(split.history, whole.history, strict=True):
+        assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=RTOL)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_resume_at_another_layout(reference: dict, tmp_path: Path) -> None:
+    """Saved at TP2 x PP2, resumed at TP1 x PP1: the next step's loss is the uninterrupted one."""
+    name = "tp2_pp2_saving"
+    overrides = layout_overrides(
+        reference, name, "parallel.tensor=2", "parallel.pipeline=2", "checkpoint.interval=3"
+    )
+    proc = torchrun(4, overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    uninterrupted = read_metrics(reference["root"] / name)
+
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    saved = reference["root"] / name / "checkpoints" / "step_0000003"
+    shutil.copytree(saved, resumed_dir / "checkpoints" / "step_0000003")
+    (resumed_dir / "checkpoints" / "latest").write_text("step_0000003\n")
+    cfg = load_config(
+        None, [*small_overrides(resumed_dir, reference["cache"]), *PARALLEL, "train.steps=4"]
+    )
+    result = train(cfg, resume=True)
+    assert [r["step"] for r in result.history] == [4]
+    assert_same_trajectory(result.history, uninterrupted, steps=[4])
+
+
+def test_zero2_with_pipeline_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"\(ZeRO-2/3\) only without pipeline"):
+        load_config(None, ["parallel.pipeline=2", "parallel.zero_stage=2"])
+
+
+def test_tensor_parallel_must_divide_heads() -> None:
+    with pytest.raises(ConfigError, match=r"num_attention_heads \(4\) must be divisible by"):
+        load_config(None, ["parallel.tensor=3", "model.num_query_groups=1"])
+
+
+def test_world_size_not_divisible_fails_fast(reference: dict) -> None:
+    proc = torchrun(3, layout_overrides(reference, "bad_world", "parallel.tensor=2"))
+    assert proc.returncode != 0
+    assert "parallel layout does not fit" in proc.stderr
+    assert "must divide the world size (3)" in proc.stderr
