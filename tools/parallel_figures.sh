@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
 STEPS="${STEPS:-20}"
 PY="${PY:-.venv/bin/python}"
 COMMON=(train.steps="$STEPS" train.micro_batch_size=4 train.eval_interval=100000 checkpoint.save_final=false
@@ -32,7 +33,7 @@ for name in ["dp1", "dp2_zero0", "dp2_zero1", "dp2_zero2", "dp2_zero3", "dp4_zer
     records = read_metrics(out / name)
     step = statistics.median(r["step_time_s"] for r in records[2:])
     tps = statistics.median(r["tokens_per_s"] for r in records[2:])
-    m = records[0]
-    print(f"{name:<11} {step * 1e3:>9.0f}ms {tps:>9,.0f} {m['mem_params_mb']:>9.2f} "
-          f"{m['mem_grads_mb']:>8.2f} {m['mem_optimizer_mb']:>8.2f}")
+    mb = [records[0][f"mem_{k}_mb"] for k in ("params", "grads", "optimizer")]
+    params, grads, optim = ("n/a" if v is None else f"{v:.2f}" for v in mb)
+    print(f"{name:<11} {step * 1e3:>9.0f}ms {tps:>9,.0f} {params:>9} {grads:>8} {optim:>8}")
 PY

@@ -36,7 +36,7 @@ def _flatten(value: Any) -> list[Any]:
 
 
 def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, engine: Any) -> dict:
-    """{"params", "grads", "optimizer"} bytes held by this rank right now."""
+    """{"params", "grads", "optimizer"} bytes held by this rank right now (None: unknown)."""
     seen: set[int] = set()
     params = [getattr(p, "ds_tensor", p.data) for p in model.parameters()]
     out = {"params": _bytes(params, seen)}
@@ -47,10 +47,20 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, engine
         zero = engine.optimizer
         inner = getattr(zero, "optimizer", zero)
         grads += _flatten(getattr(zero, "averaged_gradients", {}))
-        grads += [getattr(zero, "grad_partitions_flat_buffer", None)]
+        grads += [getattr(zero, "grad_partitions_flat_buffer", None)]  # ZeRO-3
+        grads += [getattr(zero, "grads_in_partition", None)]  # ZeRO-2, contiguous gradients
+        grads += _flatten(getattr(zero, "ipg_buffer", None) or [])
         masters = _flatten(getattr(zero, "single_partition_of_fp32_groups", []))
         masters += _flatten(getattr(zero, "fp32_partitioned_groups_flat", []))
         grads += [getattr(m, "grad", None) for m in masters]
     out["grads"] = _bytes(grads, seen)
+    if (
+        engine is not None
+        and out["grads"] == 0
+        and any(p.requires_grad for p in model.parameters())
+    ):
+        # ZeRO-2 with caller-owned accumulation keeps its gradient partitions in buffers this
+        # accounting does not find: report "unknown" rather than a false zero.
+        out["grads"] = None
     out["optimizer"] = _bytes(masters + _flatten(list(inner.state.values())), seen)
     return out

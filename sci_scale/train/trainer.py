@@ -116,6 +116,10 @@ def _sci_summary(records: list, reduce: bool = True) -> dict[str, float]:
     }
 
 
+def _megabytes(value: int | None) -> str:
+    return "not measured" if value is None else f"{value / 2**20:.2f} MB"
+
+
 def layout_summary(tp: int, pp: int, dp: int, zero_stage: int) -> str:
     return f"TP{tp} x PP{pp} x DP{dp}, ZeRO-{zero_stage}"
 
@@ -177,7 +181,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.forward_backward = get_forward_backward_func()
         self.counter = BatchCounter()
-        self.memory: dict[str, int] | None = None
+        self.memory: dict[str, int | None] | None = None
 
         # Weights first (before DeepSpeed: ZeRO-3 partitions what it is handed), then the engine,
         # then the optimizer state that lives in it.
@@ -324,9 +328,9 @@ class Trainer:
                 "optimizer": after["optimizer"],
             }
             log.info(
-                "memory of rank %d: parameters %.2f MB, gradients %.2f MB, optimizer state %.2f MB",
+                "memory of rank %d: parameters %s, gradients %s, optimizer state %s",
                 self.env.rank,
-                *(self.memory[k] / 2**20 for k in ("params", "grads", "optimizer")),
+                *(_megabytes(self.memory[k]) for k in ("params", "grads", "optimizer")),
             )
         return norm
 
@@ -364,7 +368,9 @@ class Trainer:
         }
         record.update(_sci_summary(self.model.take_records()))
         if step == self.first_step:
-            record.update({f"mem_{k}_mb": v / 2**20 for k, v in self.memory.items()})
+            record.update(
+                {f"mem_{k}_mb": None if v is None else v / 2**20 for k, v in self.memory.items()}
+            )
         return record
 
     # -- eval ----------------------------------------------------------------------------
