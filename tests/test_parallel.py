@@ -196,3 +196,69 @@ def test_world_size_not_divisible_fails_fast(reference: dict) -> None:
     assert proc.returncode != 0
     assert "parallel layout does not fit" in proc.stderr
     assert "must divide the world size (3)" in proc.stderr
+
+
+def test_interleaved_pipeline_matches_single_process(reference: dict, tmp_path: Path) -> None:
+    """PP2 with two virtual stages per rank (interleaved 1F1B): one layer per model chunk, so
+    the fusion sits before the first layer (sci.fuse_layer=0) in both runs."""
+    single_dir = reference["root"] / "single_fuse0"
+    base = [*small_overrides(single_dir, reference["cache"]), *PARALLEL, "sci.fuse_layer=0"]
+    train(load_config(None, [*base, "checkpoint.save_initial=true"]))
+    expected = read_metrics(single_dir)
+    init = single_dir / "checkpoints" / "step_0000000"
+    overrides = [
+        *small_overrides(reference["root"] / "pp2_vp2", reference["cache"]),
+        *PARALLEL,
+        "sci.fuse_layer=0",
+        f"checkpoint.init_from={init}",
+        "parallel.pipeline=2",
+        "parallel.virtual_pipeline=2",
+    ]
+    proc = torchrun(2, overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "interleaved, 2 chunks per stage" in proc.stdout
+    assert_same_trajectory(read_metrics(reference["root"] / "pp2_vp2"), expected)
+    # its checkpoint (one sharded state per chunk) loads into a single process
+    saved = reference["root"] / "pp2_vp2" / "checkpoints" / "step_0000005"
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(saved, resumed_dir / "checkpoints" / "step_0000005")
+    (resumed_dir / "checkpoints" / "latest").write_text("step_0000005\n")
+    resume_overrides = [*small_overrides(resumed_dir, reference["cache"]), *PARALLEL]
+    cfg = load_config(None, [*resume_overrides, "sci.fuse_layer=0", "train.steps=6"])
+    result = train(cfg, resume=True)
+    assert [r["step"] for r in result.history] == [6]
+
+
+def test_virtual_pipeline_needs_zero_stage_0() -> None:
+    with pytest.raises(ConfigError, match="DeepSpeed wraps one model"):
+        load_config(
+            None,
+            ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.zero_stage=1"],
+        )
+
+
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_exact_resume_at_the_same_layout(reference: dict, tmp_path: Path, zero_stage: int) -> None:
+    """DP2 under ZeRO: stopped after step 3 and resumed (DeepSpeed's partitioned optimizer state,
+    every rank's RNG), steps 4-5 equal the uninterrupted run's exactly."""
+    name = f"dp2_zero{zero_stage}_saving"
+    layout = (f"parallel.zero_stage={zero_stage}", "train.micro_batch_size=2")
+    overrides = layout_overrides(reference, name, *layout, "checkpoint.interval=3")
+    proc = torchrun(2, overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    uninterrupted = read_metrics(reference["root"] / name)
+
+    resumed_dir = tmp_path / "resumed"
+    saved = reference["root"] / name / "checkpoints" / "step_0000003"
+    shutil.copytree(saved, resumed_dir / "checkpoints" / "step_0000003")
+    (resumed_dir / "checkpoints" / "latest").write_text("step_0000003\n")
+    resume = [*small_overrides(resumed_dir, reference["cache"]), *PARALLEL, *layout]
+    proc = torchrun(2, resume, "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "optimizer state reinitialised" not in proc.stdout + proc.stderr
+    resumed = read_metrics(resumed_dir)
+    assert [r["step"] for r in resumed] == [4, 5]
+    for record in resumed:
+        want = {r["step"]: r for r in uninterrupted}[record["step"]]
+        assert record["lm_loss"] == want["lm_loss"]
+        assert record["scl_loss"] == want["scl_loss"]

@@ -232,6 +232,23 @@ def validate(cfg: Config) -> None:
     _require(
         0 <= p.zero_stage <= 3, f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}"
     )
+    _require(p.virtual_pipeline >= 1, "parallel.virtual_pipeline must be >= 1")
+    if p.virtual_pipeline > 1:
+        _require(
+            p.pipeline > 1,
+            f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1",
+        )
+        _require(
+            m.num_layers % (p.pipeline * p.virtual_pipeline) == 0,
+            f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline x "
+            f"parallel.virtual_pipeline ({p.pipeline} x {p.virtual_pipeline})",
+        )
+        _require(
+            p.zero_stage == 0,
+            f"parallel.virtual_pipeline={p.virtual_pipeline} with parallel.zero_stage="
+            f"{p.zero_stage}: DeepSpeed wraps one model, not a list of pipeline chunks; "
+            "use zero_stage 0",
+        )
     _require(
         p.pipeline == 1 or p.zero_stage <= 1,
         f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: DeepSpeed "
@@ -276,7 +293,7 @@ def validate(cfg: Config) -> None:
     _require(t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
     _require(t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
     if s.mode != "off":
-        layers_per_stage = m.num_layers // p.pipeline
+        layers_per_stage = m.num_layers // (p.pipeline * p.virtual_pipeline)
         _require(
             0 <= s.fuse_layer < m.num_layers,
             f"sci.fuse_layer ({s.fuse_layer}) is out of range: the backbone has layers "
@@ -285,7 +302,8 @@ def validate(cfg: Config) -> None:
         _require(
             s.fuse_layer < layers_per_stage,
             f"sci.fuse_layer ({s.fuse_layer}) must fall on the first pipeline stage, which holds "
-            f"layers 0..{layers_per_stage - 1} at parallel.pipeline={p.pipeline}",
+            f"layers 0..{layers_per_stage - 1} at parallel.pipeline={p.pipeline}"
+            + (f" x virtual_pipeline={p.virtual_pipeline}" if p.virtual_pipeline > 1 else ""),
         )
         _require(
             s.hidden_size % s.num_attention_heads == 0,

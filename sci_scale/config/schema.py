@@ -116,6 +116,7 @@ class ParallelSection:
 
     tensor: int = 1
     pipeline: int = 1
+    virtual_pipeline: int = 1  # model chunks per pipeline rank; > 1: interleaved 1F1B
     zero_stage: int = 0
 
 

@@ -66,6 +66,7 @@ def backbone_transformer_config(cfg: Config) -> TransformerConfig:
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline if p.virtual_pipeline > 1 else None,
         # Identical weights on every TP layout (and CPU-friendly): draw the full matrix, then shard.
         use_cpu_initialization=True,
         params_dtype=dtype,
@@ -111,6 +112,7 @@ class SCIGPTModel(MegatronModule):
         pre_process: bool = True,
         post_process: bool = True,
         use_te: bool | None = None,
+        vp_stage: int | None = None,
     ) -> None:
         config = backbone_transformer_config(cfg)
         super().__init__(config=config)
@@ -132,6 +134,7 @@ class SCIGPTModel(MegatronModule):
             position_embedding_type="rope",
             rotary_base=int(cfg.model.rotary_base),
             parallel_output=True,
+            vp_stage=vp_stage,
         )
         s = cfg.sci
         self.sci: SCIBranch | None = None
@@ -291,3 +294,18 @@ class SCIGPTModel(MegatronModule):
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> dict:
         return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+
+
+class ModelChunks(torch.nn.ModuleList):
+    """The model chunks of one pipeline rank with interleaved (virtual) stages.
+
+    Checkpoints nest each chunk's sharded state under its own key; megatron matches tensors by
+    their global keys (layer numbers include the virtual offset), so a checkpoint saved with or
+    without virtual stages loads into either."""
+
+    def sharded_state_dict(self, prefix: str = "", *args: Any, **kwargs: Any) -> dict:
+        return {f"chunk{i}": c.sharded_state_dict(prefix) for i, c in enumerate(self)}
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        for i, chunk in enumerate(self):
+            chunk.load_state_dict(state_dict[f"chunk{i}"], strict=strict)

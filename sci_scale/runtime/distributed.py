@@ -45,7 +45,7 @@ def read_dist_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed(tensor: int = 1, pipeline: int = 1) -> DistEnv:
+def init_distributed(tensor: int = 1, pipeline: int = 1, virtual_pipeline: int = 1) -> DistEnv:
     """Initialise torch.distributed and megatron's tensor/pipeline/data groups."""
     apply_cpu_compat()
     rank, world, local_rank = read_dist_env()
@@ -66,7 +66,9 @@ def init_distributed(tensor: int = 1, pipeline: int = 1) -> DistEnv:
             dist.init_process_group(backend, rank=rank, world_size=world)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline
+            tensor_model_parallel_size=tensor,
+            pipeline_model_parallel_size=pipeline,
+            virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
         )
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, backend=backend)
 

@@ -28,6 +28,8 @@ def mark_tied_output_copy(model: torch.nn.Module) -> torch.nn.Parameter | None:
         return None
     if gpt.pre_process:
         return gpt.embedding.word_embeddings.weight
+    if not gpt.post_process:
+        return None  # a middle chunk of an interleaved pipeline holds neither copy
     weight = gpt.output_layer.weight
     setattr(weight, SHARED_COPY, True)
     return weight

@@ -30,7 +30,8 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_sci = name.startswith("sci.") or name.startswith("temperature.")
+        dotted = f".{name}"  # chunk lists prefix names with the chunk index
+        is_sci = ".sci." in dotted or ".temperature." in dotted
         lr_scale = cfg.sci.lr_scale if is_sci else 1.0
         buckets.setdefault((_no_decay(name, param), lr_scale), []).append(param)
     groups = []

@@ -27,7 +27,7 @@ from sci_scale.data.loader import MicroBatches
 from sci_scale.data.pipeline import DataBundle, build_data
 from sci_scale.data.tokenizer import tokenizer_identity
 from sci_scale.losses.scl import alpha_at
-from sci_scale.model.gpt import SCIGPTModel
+from sci_scale.model.gpt import ModelChunks, SCIGPTModel
 from sci_scale.runtime.distributed import (
     destroy_distributed,
     init_distributed,
@@ -120,8 +120,9 @@ def _megabytes(value: int | None) -> str:
     return "not measured" if value is None else f"{value / 2**20:.2f} MB"
 
 
-def layout_summary(tp: int, pp: int, dp: int, zero_stage: int) -> str:
-    return f"TP{tp} x PP{pp} x DP{dp}, ZeRO-{zero_stage}"
+def layout_summary(tp: int, pp: int, dp: int, zero_stage: int, virtual: int = 1) -> str:
+    interleaved = f" (interleaved, {virtual} chunks per stage)" if virtual > 1 else ""
+    return f"TP{tp} x PP{pp} x DP{dp}, ZeRO-{zero_stage}{interleaved}"
 
 
 class Trainer:
@@ -134,7 +135,9 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.env = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
+        self.env = init_distributed(
+            cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline
+        )
         dp = parallel_state.get_data_parallel_world_size()
         t = cfg.train
         if t.global_batch_size % (t.micro_batch_size * dp):
@@ -156,28 +159,35 @@ class Trainer:
         self.data: DataBundle = build_data(cfg, self.run_dir)
         log.info("data ready in %.1fs (cache %s)", time.perf_counter() - t0, self.data.cache_dir)
 
-        self.model = SCIGPTModel(
-            cfg,
-            vocab_size=self.data.tokenizer.vocab_size,
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
+        self.chunks = self._build_chunks()
+        # With interleaved stages a rank holds several chunks; the SCI branch, if any, is in
+        # the first. ``self.model`` is what optimizer, clipping and checkpoints see.
+        self.sci_model = self.chunks[0]
+        self.model: torch.nn.Module = (
+            self.chunks[0] if len(self.chunks) == 1 else ModelChunks(self.chunks)
         )
         n_params = sum(p.numel() for p in self.model.parameters())
-        n_sci = sum(p.numel() for n, p in self.model.named_parameters() if n.startswith("sci."))
+        n_sci = sum(p.numel() for n, p in self.model.named_parameters() if ".sci." in f".{n}")
         log.info(
             "model: %s spec, %.2fM parameters (SCI branch %.2fM), sci.mode=%s",
-            self.model.spec_name,
+            self.sci_model.spec_name,
             n_params / 1e6,
             n_sci / 1e6,
             cfg.sci.mode,
         )
         log.info(
             "layout: %s (%d process%s)",
-            layout_summary(cfg.parallel.tensor, cfg.parallel.pipeline, dp, cfg.parallel.zero_stage),
+            layout_summary(
+                cfg.parallel.tensor,
+                cfg.parallel.pipeline,
+                dp,
+                cfg.parallel.zero_stage,
+                cfg.parallel.virtual_pipeline,
+            ),
             self.env.world_size,
             "" if self.env.world_size == 1 else "es",
         )
-        self.tied_weight = mark_tied_output_copy(self.model)
+        self.tied_weights = [w for c in self.chunks if (w := mark_tied_output_copy(c)) is not None]
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.forward_backward = get_forward_backward_func()
         self.counter = BatchCounter()
@@ -202,10 +212,10 @@ class Trainer:
 
         self.optimizer = build_optimizer(self.model, cfg)
         self.engine = None
-        self.schedule_model: Any = self.model
+        self.schedule_models: list[Any] = list(self.chunks)
         if cfg.parallel.zero_stage > 0:
             self.engine, _ = build_engine(self.model, self.optimizer, cfg)
-            self.schedule_model = ScheduleView(self.engine)
+            self.schedule_models = [ScheduleView(self.engine)]
         self.first_step = self.step + 1
         if resume_from is not None:
             same = load_training_state(
@@ -231,6 +241,34 @@ class Trainer:
             else None
         )
 
+    def _build_chunks(self) -> list[SCIGPTModel]:
+        """This rank's model: one chunk, or one per virtual stage (interleaved 1F1B)."""
+        cfg, vocab = self.cfg, self.data.tokenizer.vocab_size
+        virtual = cfg.parallel.virtual_pipeline
+        if virtual == 1:
+            return [
+                SCIGPTModel(
+                    cfg,
+                    vocab_size=vocab,
+                    pre_process=parallel_state.is_pipeline_first_stage(),
+                    post_process=parallel_state.is_pipeline_last_stage(),
+                )
+            ]
+        return [
+            SCIGPTModel(
+                cfg,
+                vocab_size=vocab,
+                pre_process=parallel_state.is_pipeline_first_stage(
+                    ignore_virtual=False, vp_stage=i
+                ),
+                post_process=parallel_state.is_pipeline_last_stage(
+                    ignore_virtual=False, vp_stage=i
+                ),
+                vp_stage=i,
+            )
+            for i in range(virtual)
+        ]
+
     def _same_layout(self, state: RunState) -> bool:
         saved = state.config.get("parallel", {})
         now = self.cfg.parallel
@@ -238,6 +276,7 @@ class Trainer:
             saved.get("tensor") == now.tensor
             and saved.get("pipeline") == now.pipeline
             and saved.get("zero_stage") == now.zero_stage
+            and saved.get("virtual_pipeline", 1) == now.virtual_pipeline
             and state.world_size == self.env.world_size
         )
 
@@ -294,8 +333,9 @@ class Trainer:
         counter.reset(loss_scale=num_mb * self.dp_size / global_tokens)
         losses = self.forward_backward(
             forward_step_func=make_forward_step(counter),
-            data_iterator=iter(microbatches),
-            model=[self.schedule_model],
+            # one iterator per model chunk: each chunk reads every micro-batch once
+            data_iterator=[iter(microbatches) for _ in self.schedule_models],
+            model=self.schedule_models,
             num_microbatches=num_mb,
             seq_length=self.cfg.model.seq_length,
             micro_batch_size=t.micro_batch_size,
@@ -306,7 +346,8 @@ class Trainer:
     def _apply_gradients(self) -> float:
         """Reduce, clip and apply the accumulated gradients; returns the global grad norm."""
         clip = self.cfg.train.clip_grad
-        allreduce_tied_embedding_grads(self.tied_weight)
+        for weight in self.tied_weights:
+            allreduce_tied_embedding_grads(weight)
         measure = self.memory is None
         if measure:  # the first step: gradients are at their peak now, optimizer state after
             grads = state_bytes(self.model, self.optimizer, self.engine)["grads"]
@@ -340,8 +381,8 @@ class Trainer:
         lr = lr_at(step, cfg)
         set_lr(self.optimizer, lr)
         alpha = alpha_at(step, cfg.sci.alpha, cfg.sci.alpha_warmup_steps)
-        self.model.scl_scale = alpha / self.num_microbatches
-        self.model.take_records()
+        self.sci_model.scl_scale = alpha / self.num_microbatches
+        self.sci_model.take_records()
         start = time.perf_counter()
         lm_sums, global_tokens, counter = self._run_schedule(
             self.data.train, self.consumed_samples, self.num_microbatches, forward_only=False
@@ -366,7 +407,7 @@ class Trainer:
             "blocks": int(blocks[0]),
             "consumed_samples": self.consumed_samples,
         }
-        record.update(_sci_summary(self.model.take_records()))
+        record.update(_sci_summary(self.sci_model.take_records()))
         if step == self.first_step:
             record.update(
                 {f"mem_{k}_mb": None if v is None else v / 2**20 for k, v in self.memory.items()}
@@ -376,11 +417,12 @@ class Trainer:
     # -- eval ----------------------------------------------------------------------------
     def _forward_only(self, dataset: Any, batches: int) -> tuple[float, dict[str, float]]:
         self.model.eval()
-        self.model.take_records()
+        self.sci_model.take_records()
         with torch.no_grad():
             lm_sums, global_tokens, _ = self._run_schedule(dataset, 0, batches, forward_only=True)
         self.model.train()
-        return self._reduce_lm(lm_sums, global_tokens), _sci_summary(self.model.take_records())
+        records = self.sci_model.take_records()
+        return self._reduce_lm(lm_sums, global_tokens), _sci_summary(records)
 
     def evaluate(self) -> dict[str, float]:
         batches = self.cfg.train.eval_batches
