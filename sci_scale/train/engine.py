@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +107,24 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
     }
 
 
+def _extensions_dir() -> Path:
+    """A per-user cache for DeepSpeed's JIT-built ops; the temp dir when home is read-only."""
+    cache = Path.home() / ".cache" / "sci-scale" / "torch_extensions"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if os.access(cache, os.W_OK):
+            return cache
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"sci-scale-torch-extensions-{os.getuid()}"
+
+
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config):
     """Wrap ``model`` and a torch optimizer in a DeepSpeed engine (no JIT-built ops needed)."""
     os.environ.setdefault("DS_BUILD_OPS", "0")
     # DeepSpeed JIT-builds its CPU shared-memory communication op on first use (~35 s); one
     # cache per user keeps that to once per machine instead of once per run directory.
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sci-scale" / "torch_extensions")
-    )
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_extensions_dir()))
     import deepspeed
 
     for name in ("DeepSpeed", "deepspeed"):
