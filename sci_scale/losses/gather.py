@@ -23,7 +23,6 @@ class GatheredExamples:
     z: Tensor  # [world * n_max, d], differentiable for the local rows
     templates: Tensor  # [world * n_max], -1 for padding
     local: Tensor  # bool [world * n_max], this rank's rows
-    total: int  # examples over all ranks
 
 
 class AllGatherWithGrad(torch.autograd.Function):
@@ -45,19 +44,16 @@ class AllGatherWithGrad(torch.autograd.Function):
         return grad[rank * ctx.rows : (rank + 1) * ctx.rows], None
 
 
-def global_example_count(count: int, group: dist.ProcessGroup) -> tuple[int, int]:
-    """(largest per-rank count, total) over the group: decides, identically on every rank,
-    whether the micro-batch has pair examples at all (the collectives must then run everywhere)."""
-    stats = torch.tensor([count, count], dtype=torch.int64)
-    maxed = stats[:1].clone()
-    dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
-    summed = stats[1:].clone()
-    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
-    return int(maxed), int(summed)
+def max_example_count(count: int, group: dist.ProcessGroup) -> int:
+    """The largest per-rank example count of the group. Zero means no rank has pair examples;
+    otherwise every rank must take part in the gather (and its backward), even with none."""
+    largest = torch.tensor([count], dtype=torch.int64)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    return int(largest)
 
 
 def gather_examples(
-    z: Tensor, templates: Tensor, n_max: int, total: int, group: dist.ProcessGroup
+    z: Tensor, templates: Tensor, n_max: int, group: dist.ProcessGroup
 ) -> GatheredExamples:
     n, d = z.shape
     pad = n_max - n
@@ -70,4 +66,4 @@ def gather_examples(
     dist.all_gather(t_parts, t_padded.contiguous(), group=group)
     local = torch.zeros(world * n_max, dtype=torch.bool, device=z.device)
     local[rank * n_max : rank * n_max + n] = True
-    return GatheredExamples(z_all, torch.cat(t_parts), local, total)
+    return GatheredExamples(z_all, torch.cat(t_parts), local)

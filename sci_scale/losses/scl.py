@@ -34,14 +34,14 @@ def supervised_contrastive_loss(
     templates: Tensor,
     tau: Tensor | float,
     anchors: Tensor | None = None,
-    normalizer: float | None = None,
+    ranks: int = 1,
 ) -> SCLOutput:
     """SCL over L2-normalised embeddings ``z`` [N, d] with integer template ids [N].
 
-    Rows with a negative template id are padding: neither anchor nor candidate. ``anchors``
-    (bool [N]) restricts which rows act as anchors (a data-parallel rank's own examples, while
-    every gathered row is a candidate); ``normalizer`` replaces the anchor count in the mean, so
-    that the ranks' losses average to the global one.
+    Rows with a negative template id are padding: neither anchor nor candidate. With data
+    parallelism ``z`` holds every rank's examples, ``anchors`` (bool [N]) marks this rank's
+    own, and the loss is this rank's share: the sum over its anchors divided by (all anchors /
+    ``ranks``), so that the mean of the ranks' shares is the SCL over all examples.
     """
     valid = templates >= 0
     if int(valid.sum()) < 2:
@@ -58,6 +58,7 @@ def supervised_contrastive_loss(
     logits = (sim / tau).masked_fill(~pair_ok, float("-inf"))
     anchor_rows = valid if anchors is None else valid & anchors
     pos_count = positive.sum(dim=1)
+    all_anchors = int((pos_count > 0).sum())  # over every rank's rows
     has_pos = (pos_count > 0) & anchor_rows
     num_anchors = int(has_pos.sum())
     with torch.no_grad():
@@ -72,8 +73,7 @@ def supervised_contrastive_loss(
     log_prob = safe_logits - torch.logsumexp(safe_logits, dim=1, keepdim=True)
     pos_log_prob = log_prob.masked_fill(~positive, 0.0).sum(dim=1)
     per_anchor = -pos_log_prob[has_pos] / pos_count[has_pos]
-    denominator = float(num_anchors) if normalizer is None else normalizer
-    return SCLOutput(per_anchor.sum() / denominator, num_anchors, pos_cos, neg_cos)
+    return SCLOutput(per_anchor.sum() * ranks / all_anchors, num_anchors, pos_cos, neg_cos)
 
 
 class Temperature(torch.nn.Module):

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from sci_scale.config.schema import Config
 from sci_scale.losses.aux import attach_aux_loss
-from sci_scale.losses.gather import gather_examples, global_example_count
+from sci_scale.losses.gather import gather_examples, max_example_count
 from sci_scale.losses.scl import SCLOutput, Temperature, supervised_contrastive_loss
 from sci_scale.model.sci_branch import SCIBranch
 from sci_scale.model.specs import kernel_fusion_flags, select_layer_spec
@@ -206,16 +206,12 @@ class SCIGPTModel(MegatronModule):
         assert self.sci is not None
         local_count = 0 if template_ids is None else int((template_ids >= 0).sum())
         dp_group = self._dp_group()
-        n_max, total = (
-            global_example_count(local_count, dp_group)
-            if dp_group is not None
-            else (local_count, local_count)
-        )
-        if not self.cfg.sci.fuse and total == 0:
+        n_max = local_count if dp_group is None else max_example_count(local_count, dp_group)
+        if not self.cfg.sci.fuse and n_max == 0:
             return None, None  # nothing to fuse and nothing to contrast: skip the branch
         states = self.sci.encode(embeddings, example_ids)
         fusion = self.sci.fusion(states) if self.cfg.sci.fuse else None
-        if total == 0:
+        if n_max == 0:
             return fusion, None
         assert template_ids is not None
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.scl_trains):
@@ -223,7 +219,10 @@ class SCIGPTModel(MegatronModule):
             if dp_group is None:
                 scl = supervised_contrastive_loss(z, templates, self.temperature())
             else:
-                scl = self._data_parallel_scl(z, templates, n_max, total, dp_group)
+                g = gather_examples(z, templates, n_max, dp_group)
+                scl = supervised_contrastive_loss(
+                    g.z, g.templates, self.temperature(), anchors=g.local, ranks=dp_group.size()
+                )
         self.records.append(
             SCIStepRecord(float(scl.loss.detach()), scl.num_anchors, scl.pos_cos, scl.neg_cos)
         )
@@ -235,25 +234,6 @@ class SCIGPTModel(MegatronModule):
         if not dist.is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
             return None
         return parallel_state.get_data_parallel_group()
-
-    def _data_parallel_scl(
-        self, z: Tensor, templates: Tensor, n_max: int, total: int, group
-    ) -> SCLOutput:
-        """This rank's share of the global SCL: its anchors against every rank's examples,
-        scaled so that the data-parallel mean of the shares is the global loss."""
-        g = gather_examples(z, templates, n_max, total, group)
-        all_t = g.templates
-        same = (all_t[:, None] == all_t[None, :]) & (all_t[:, None] >= 0)
-        same.fill_diagonal_(False)
-        global_anchors = int(same.any(dim=1).sum())
-        dp = dist.get_world_size(group)
-        return supervised_contrastive_loss(
-            g.z,
-            all_t,
-            self.temperature(),
-            anchors=g.local,
-            normalizer=max(global_anchors, 1) / dp,
-        )
 
     def forward(
         self,

@@ -75,43 +75,36 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _sci_summary(records: list, reduce: bool = True) -> dict[str, float]:
+def _sci_summary(records: list) -> dict[str, float]:
     """Step SCL = mean over the micro-batches that had pair examples of their (global) SCL.
 
     Each data-parallel rank records its share of every such micro-batch's loss (see
-    ``SCIGPTModel._data_parallel_scl``); the mean of the shares over ranks is the global value.
-    Cosines are averaged over the micro-batches (and ranks) that could measure them.
+    ``supervised_contrastive_loss(ranks=...)``); the mean of the shares over ranks is the global
+    value. Cosines are averaged over the micro-batches (and ranks) that could measure them.
     Only first-stage ranks hold records; they alone take part in the reduction.
     """
-    stats = torch.zeros(6, dtype=torch.float64)
-    stats[0] = len(records)
+    # micro-batches, SCL sum, anchors, pos-cos sum and count, neg-cos sum and count
+    stats = torch.zeros(7, dtype=torch.float64)
     for r in records:
-        stats[1] += r.scl
-        stats[2] += r.num_anchors
+        stats[:3] += torch.tensor([1.0, r.scl, r.num_anchors], dtype=torch.float64)
         if math.isfinite(r.pos_cos):
-            stats[3] += r.pos_cos
-            stats[4] += 1
-    neg = torch.zeros(2, dtype=torch.float64)
-    for r in records:
+            stats[3:5] += torch.tensor([r.pos_cos, 1.0], dtype=torch.float64)
         if math.isfinite(r.neg_cos):
-            neg[0] += r.neg_cos
-            neg[1] += 1
-    stats = torch.cat([stats[:5], neg])
+            stats[5:7] += torch.tensor([r.neg_cos, 1.0], dtype=torch.float64)
     dp = parallel_state.get_data_parallel_world_size()
-    if reduce and dp > 1 and parallel_state.is_pipeline_first_stage():
+    if dp > 1 and parallel_state.is_pipeline_first_stage():
         dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
-        stats[0] /= dp  # every rank records the same micro-batches
-        stats[1] /= dp  # shares are scaled by dp (the gradient average divides by it)
+        stats[:2] /= dp  # every rank records the same micro-batches; shares average to the SCL
     n_mb, scl_sum, anchors, pos_sum, pos_n, neg_sum, neg_n = stats.tolist()
     if n_mb == 0:
         return {}
     pos = pos_sum / pos_n if pos_n else float("nan")
-    neg_cos = neg_sum / neg_n if neg_n else float("nan")
+    neg = neg_sum / neg_n if neg_n else float("nan")
     return {
         "scl_loss": scl_sum / n_mb,
         "pos_cos": pos,
-        "neg_cos": neg_cos,
-        "cos_gap": pos - neg_cos,
+        "neg_cos": neg,
+        "cos_gap": pos - neg,
         "scl_anchors": int(anchors),
     }
 
@@ -243,30 +236,21 @@ class Trainer:
 
     def _build_chunks(self) -> list[SCIGPTModel]:
         """This rank's model: one chunk, or one per virtual stage (interleaved 1F1B)."""
-        cfg, vocab = self.cfg, self.data.tokenizer.vocab_size
-        virtual = cfg.parallel.virtual_pipeline
-        if virtual == 1:
-            return [
-                SCIGPTModel(
-                    cfg,
-                    vocab_size=vocab,
-                    pre_process=parallel_state.is_pipeline_first_stage(),
-                    post_process=parallel_state.is_pipeline_last_stage(),
-                )
-            ]
+        virtual = self.cfg.parallel.virtual_pipeline
+        stages = [None] if virtual == 1 else list(range(virtual))
         return [
             SCIGPTModel(
-                cfg,
-                vocab_size=vocab,
+                self.cfg,
+                vocab_size=self.data.tokenizer.vocab_size,
                 pre_process=parallel_state.is_pipeline_first_stage(
-                    ignore_virtual=False, vp_stage=i
+                    ignore_virtual=virtual == 1, vp_stage=vp_stage
                 ),
                 post_process=parallel_state.is_pipeline_last_stage(
-                    ignore_virtual=False, vp_stage=i
+                    ignore_virtual=virtual == 1, vp_stage=vp_stage
                 ),
-                vp_stage=i,
+                vp_stage=vp_stage,
             )
-            for i in range(virtual)
+            for vp_stage in stages
         ]
 
     def _same_layout(self, state: RunState) -> bool:
