@@ -8,25 +8,19 @@ torchrun on CPU with gloo, each in its own process group with a timeout, killed 
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import small_overrides
+from launchers import failure_summary, torchrun
 
 from sci_scale.config import ConfigError, load_config
 from sci_scale.train.metrics import read_metrics
 from sci_scale.train.trainer import train
 
-REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
 STEPS = 5
-TIMEOUT_S = 300
 
 # The reference: 4 layers (so that PP=2 keeps sci.fuse_layer=1 on the first stage), micro-batch 4,
 # two micro-batches per step, a quarter of the blocks pair blocks, clipping active. The learning
@@ -46,32 +40,6 @@ PARALLEL = [
     "train.clip_grad=0.5",
     "checkpoint.keep_last=0",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(nproc: int, overrides: list[str], *extra: str) -> subprocess.CompletedProcess:
-    """``torchrun -m sci_scale train`` with a hard timeout that kills the whole process group."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}", "-m", "sci_scale", "train", *overrides, *extra,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {TIMEOUT_S}s:\n{out[-2000:]}{err[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +230,11 @@ def test_exact_resume_at_the_same_layout(reference: dict, tmp_path: Path, zero_s
         want = {r["step"]: r for r in uninterrupted}[record["step"]]
         assert record["lm_loss"] == want["lm_loss"]
         assert record["scl_loss"] == want["scl_loss"]
+
+
+def test_two_processes_build_an_empty_data_cache(tmp_path: Path) -> None:
+    """Rank 0 builds tokenizer, corpus and every index first; rank 1 reads them afterwards."""
+    run_dir = tmp_path / "fresh"
+    proc = torchrun(2, [*small_overrides(run_dir, tmp_path / "empty-cache"), "train.steps=2"])
+    assert proc.returncode == 0, failure_summary(proc)
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +14,9 @@ import pytest
 import torch
 
 from sci_scale.config import ConfigError
+from sci_scale.launch.status import read_status
 from sci_scale.train import checkpoint as ckpt
-from sci_scale.train.checkpoint import latest_checkpoint
+from sci_scale.train.checkpoint_index import CheckpointError, latest_checkpoint
 from sci_scale.train.metrics import read_metrics
 from sci_scale.train.trainer import train
 
@@ -104,7 +107,7 @@ def test_checkpoint_holds_run_state_and_loads_safely(make_config, tmp_path: Path
 
 
 def test_resume_without_checkpoint_is_a_clear_error(make_config, tmp_path: Path) -> None:
-    with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         train(make_config("train.steps=2", run_dir=tmp_path / "empty"), resume=True)
 
 
@@ -152,3 +155,53 @@ def test_activation_recomputation_changes_nothing_but_memory(
 def test_full_recomputation_needs_the_fusion_before_the_block(make_config) -> None:
     with pytest.raises(ConfigError, match=r"model\.recompute=full with sci\.fuse_layer=1"):
         make_config("model.recompute=full", "sci.fuse_layer=1")
+
+
+def test_wall_clock_limit_stops_with_a_checkpoint_and_auto_resume_continues(
+    make_config, tmp_path: Path
+) -> None:
+    steps = ("train.steps=6",)
+    straight = train(make_config(*steps, run_dir=tmp_path / "straight"))
+
+    run_dir = tmp_path / "limited"
+    # A limit of 6 ms is over after the first step: the run saves and stops there.
+    first = train(make_config(*steps, "train.max_wall_minutes=1e-4", run_dir=run_dir), "auto")
+    assert first.step == 1 and not first.finished
+    assert "train.max_wall_minutes" in (first.stop_reason or "")
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_0000001"
+    status = read_status(run_dir, query_slurm=False)
+    assert (status.step, status.target_steps, status.finished) == (1, 6, False)
+
+    second = train(make_config(*steps, run_dir=run_dir), "auto")  # finds the checkpoint
+    assert second.finished and [r["step"] for r in second.history] == [2, 3, 4, 5, 6]
+    expected = by_step(straight.history)
+    for record in second.history:
+        for key in COMPARED:
+            assert same(record.get(key), expected[record["step"]].get(key)), (record["step"], key)
+    assert read_status(run_dir, query_slurm=False).finished
+
+
+def test_auto_resume_starts_fresh_without_a_checkpoint(make_config, tmp_path: Path) -> None:
+    result = train(make_config("train.steps=2", run_dir=tmp_path / "fresh"), "auto")
+    assert result.finished and [r["step"] for r in result.history] == [1, 2]
+
+
+def test_signal_during_training_saves_and_stops(make_config, tmp_path: Path) -> None:
+    """SIGUSR1 (Slurm's warning before a time limit) lands mid-step; the step completes."""
+    from sci_scale.train import trainer as trainer_module
+
+    run_dir = tmp_path / "signalled"
+    trainer = trainer_module.Trainer(make_config("train.steps=8", run_dir=run_dir))
+    real_step = trainer.train_step
+
+    def step_then_signal() -> dict:
+        record = real_step()
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return record
+
+    trainer.train_step = step_then_signal
+    result = trainer.run()
+    assert result.step == 3 and result.stop_reason == "signal SIGUSR1"
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_0000003"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored afterwards

@@ -13,26 +13,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sci_scale.config import ConfigError, load_config
-from sci_scale.data.corpus import CorpusError
-from sci_scale.data.pairs import PairDataError
-from sci_scale.data.tokenizer import TokenizerError
-from sci_scale.train.checkpoint import CheckpointError
+from sci_scale.config import load_config
+from sci_scale.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
-USER_ERRORS = (
-    ConfigError,
-    CorpusError,
-    PairDataError,
-    TokenizerError,
-    CheckpointError,
-    FileNotFoundError,
-)
+USER_ERRORS = (UserError, FileNotFoundError)
 
 
 def setup_logging(verbose: bool = False) -> None:
-    from sci_scale.runtime.distributed import read_dist_env
+    from sci_scale.runtime.launch_env import read_dist_env
 
     rank, _, _ = read_dist_env()
     level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
@@ -65,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     from sci_scale.train.trainer import train
 
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume="auto" if args.auto_resume else args.resume)
     if result.history:
         first, last = result.history[0], result.history[-1]
         logging.getLogger("sci_scale").info(
@@ -76,6 +66,53 @@ def cmd_train(args: argparse.Namespace) -> int:
             last["step"],
             result.run_dir / "metrics.jsonl",
         )
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from sci_scale.launch.slurm import SubmitOptions, submit
+
+    cfg = _config_from_args(args)
+    opts = SubmitOptions(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        mem=args.mem,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        job_name=args.job_name,
+        exclusive=not args.no_exclusive,
+        signal_seconds=args.signal_seconds,
+        max_requeues=args.max_requeues,
+        container_image=args.container_image,
+        container_mounts=args.container_mounts,
+        launcher=args.launcher,
+        extra_sbatch=list(args.sbatch),
+        **({"template": Path(args.template)} if args.template else {}),
+    )
+    result = submit(cfg, opts, dry_run=args.dry_run)
+    if args.dry_run:
+        sys.stdout.write(result.script)
+        return 0
+    print(f"submitted job {result.job_id}")
+    print(f"run directory {result.run_dir}")
+    print(f"script {result.script_path}; follow with: sci-scale status {result.run_dir}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from sci_scale.launch.status import format_status, read_status
+
+    status = read_status(args.run_dir, query_slurm=not args.finished)
+    if args.finished:
+        return 0 if status.finished else 3
+    print(json.dumps(status.to_dict(), indent=2) if args.json else format_status(status))
     return 0
 
 
@@ -102,7 +139,7 @@ def cmd_pairs_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from sci_scale.data.corpus import iter_jsonl_texts, stdlib_docstrings
+    from sci_scale.data.corpus import CorpusError, iter_jsonl_texts, stdlib_docstrings
     from sci_scale.data.tokenizer import train_sentencepiece
 
     if args.input:
@@ -155,10 +192,64 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (default config: configs/tiny.yaml)")
     train.add_argument("config", nargs="?", help="YAML config (default: configs/tiny.yaml)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
-    train.add_argument(
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument(
         "--resume", action="store_true", help="continue from run.dir's latest checkpoint"
     )
+    resume.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue from the latest checkpoint if there is one, else start (for jobs)",
+    )
     train.set_defaults(func=cmd_train)
+
+    sbm = sub.add_parser(
+        "submit", help="queue a training run on Slurm (renders slurm/train.sbatch)"
+    )
+    sbm.add_argument("config", nargs="?", help="YAML config (default: configs/tiny.yaml)")
+    sbm.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    sbm.add_argument("--nodes", type=int, default=1)
+    sbm.add_argument(
+        "--gpus-per-node", type=int, default=8, help="one process per GPU; 0 for CPU nodes"
+    )
+    sbm.add_argument(
+        "--tasks-per-node", type=int, help="processes per node (default: GPUs per node, or 1)"
+    )
+    sbm.add_argument("--cpus-per-task", type=int)
+    sbm.add_argument("--mem", help="memory per node, e.g. 0 for all of it")
+    sbm.add_argument("--time", default="04:00:00", help="time limit (default 04:00:00)")
+    sbm.add_argument("--partition")
+    sbm.add_argument("--account")
+    sbm.add_argument("--qos")
+    sbm.add_argument("--constraint")
+    sbm.add_argument("--job-name")
+    sbm.add_argument("--no-exclusive", action="store_true", help="share nodes with other jobs")
+    sbm.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=120,
+        help="SIGUSR1 this many seconds before the time limit: checkpoint and requeue",
+    )
+    sbm.add_argument("--max-requeues", type=int, default=20)
+    sbm.add_argument("--container-image", help="run the tasks in this image (pyxis)")
+    sbm.add_argument("--container-mounts", help="pyxis mounts (default: the run directory)")
+    sbm.add_argument("--launcher", help="the sci-scale command on the nodes")
+    sbm.add_argument("--template", help="a batch script template (default: slurm/train.sbatch)")
+    sbm.add_argument(
+        "--sbatch", action="append", default=[], help="an extra #SBATCH directive (repeatable)"
+    )
+    sbm.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    sbm.set_defaults(func=cmd_submit)
+
+    st = sub.add_parser("status", help="a run's step, losses, throughput, checkpoint, Slurm job")
+    st.add_argument("run_dir")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument(
+        "--finished",
+        action="store_true",
+        help="print nothing; exit 0 if train.steps is reached, 3 if not (for job scripts)",
+    )
+    st.set_defaults(func=cmd_status)
 
     bench = sub.add_parser(
         "bench", help="tokens/s of a config and the step-time cost of its SCI branch"

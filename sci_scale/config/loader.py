@@ -19,9 +19,10 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from sci_scale.config.schema import Config
+from sci_scale.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, stated in one line."""
 
 
@@ -205,6 +206,10 @@ def validate(cfg: Config) -> None:
         ("train.eval_interval", t.eval_interval),
     ):
         _require(value > 0, f"{key} must be positive, got {value}")
+    _require(
+        t.max_wall_minutes is None or t.max_wall_minutes > 0,
+        f"train.max_wall_minutes must be positive (or null for no limit), got {t.max_wall_minutes}",
+    )
     _require(
         m.hidden_size % m.num_attention_heads == 0,
         f"model.hidden_size ({m.hidden_size}) must be divisible by "

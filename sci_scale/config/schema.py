@@ -108,6 +108,8 @@ class TrainSection:
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 4
+    # Stop cleanly (checkpoint, then exit) after this many minutes; for jobs with a time limit.
+    max_wall_minutes: float | None = None
 
 
 @dataclass

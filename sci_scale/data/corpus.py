@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from sci_scale.errors import UserError
+
 # Directories whose docstrings are not prose worth training on, or not the stdlib's own:
 # test suites (thousands of terse "test that x" lines and deliberately odd fixture files),
 # installed third-party packages, and the generated codec modules (one boilerplate docstring
@@ -40,7 +42,7 @@ _SKIP_DIRS = frozenset(
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """A corpus file is malformed; the message names the file and the line to fix."""
 
 

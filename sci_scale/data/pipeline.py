@@ -257,15 +257,23 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         d.examples_per_template,
         name="train pairs",
     )
-    # megatron's BlendedDataset asks torch.distributed for the rank when it caches its index;
-    # a standalone call (no process group) builds the index in memory instead.
+    # megatron's BlendedDataset asks torch.distributed for the rank when it caches its index:
+    # rank 0 builds and writes it, every other rank only reads it, so rank 0 must go first (as
+    # megatron's own builder does). A standalone call (no process group) builds it in memory.
     blend_config = gpt_config if dist.is_initialized() else replace(gpt_config, path_to_cache=None)
-    train = BlendedDataset(
-        [train_corpus, BlockStream(pair_ds, Split.train, "pairs")],
-        [1.0 - r, r],
-        n_train,
-        blend_config,
-    )
+
+    def blend() -> BlendedDataset:
+        return BlendedDataset(
+            [train_corpus, BlockStream(pair_ds, Split.train, "pairs")],
+            [1.0 - r, r],
+            n_train,
+            blend_config,
+        )
+
+    train = blend() if _is_main() else None
+    _barrier()
+    if train is None:
+        train = blend()
     realised = float(np.mean(train.dataset_index == 1))
     log.info(
         "pair blocks: %d templates from %s; realised pair-block rate %.4f (target %.4f)",

@@ -27,6 +27,8 @@ from typing import Any
 
 import sentencepiece as spm
 
+from sci_scale.errors import UserError
+
 try:  # megatron-core >= 0.14 types GPTDatasetConfig.tokenizer as this base.
     from megatron.core.tokenizers import MegatronTokenizerBase as _TokenizerBase
 except ImportError:  # pragma: no cover - older or absent megatron: the duck-typed surface stays
@@ -53,7 +55,7 @@ MODEL_TYPES = ("bpe", "unigram")
 _MAX_SENTENCE_BYTES = 16384
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer cannot be trained or loaded as asked (a user error, not a bug)."""
 
 

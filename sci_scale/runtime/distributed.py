@@ -19,6 +19,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from sci_scale.config.loader import ConfigError
 from sci_scale.runtime.cpu_compat import apply_cpu_compat
+from sci_scale.runtime.launch_env import read_dist_env
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def read_dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun, else Slurm, else a single process."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
 
 
 def init_distributed(tensor: int = 1, pipeline: int = 1, virtual_pipeline: int = 1) -> DistEnv:

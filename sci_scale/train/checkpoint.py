@@ -32,16 +32,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from sci_scale.train.checkpoint_index import LATEST, RUN_STATE, CheckpointError, step_dir_name
+
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "zero"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -82,10 +79,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -144,18 +137,6 @@ def _save_torch(obj: Any, path: Path) -> None:
     _fsync_file(path)
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint ``latest`` names, or None when there is none yet."""
-    pointer = root / LATEST
-    if not pointer.exists():
-        return None
-    name = pointer.read_text().strip()
-    path = root / name
-    if not (path / "run_state.pt").exists():
-        raise CheckpointError(f"{pointer} names {name!r}, which is missing or incomplete")
-    return path
-
-
 class CheckpointManager:
     def __init__(self, root: Path, keep_last: int) -> None:
         self.root = root
@@ -189,7 +170,7 @@ class CheckpointManager:
         _barrier()
         if _rank() == 0:
             # run_state.pt is written last: its presence marks the directory complete.
-            _save_torch(run_state.to_dict(), tmp / "run_state.pt")
+            _save_torch(run_state.to_dict(), tmp / RUN_STATE)
             _fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -213,9 +194,9 @@ class CheckpointManager:
 
 
 def read_run_state(path: Path) -> RunState:
-    if not (path / "run_state.pt").exists():
-        raise CheckpointError(f"{path} is not a sci-scale checkpoint (no run_state.pt)")
-    state = torch.load(path / "run_state.pt", weights_only=True)
+    if not (path / RUN_STATE).exists():
+        raise CheckpointError(f"{path} is not a sci-scale checkpoint (no {RUN_STATE})")
+    state = torch.load(path / RUN_STATE, weights_only=True)
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {state.get('format_version')}, "

@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,8 @@ import yaml
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from sci_scale.config import Config, ConfigError, config_to_dict
+from sci_scale.config import Config, config_to_dict
+from sci_scale.config.layout import data_parallel_size
 from sci_scale.data.loader import MicroBatches
 from sci_scale.data.pipeline import DataBundle, build_data
 from sci_scale.data.tokenizer import tokenizer_identity
@@ -33,14 +34,14 @@ from sci_scale.runtime.distributed import (
     init_distributed,
     seed_everything,
 )
+from sci_scale.runtime.launch_env import read_dist_env
 from sci_scale.train.checkpoint import (
-    CheckpointError,
     CheckpointManager,
     RunState,
-    latest_checkpoint,
     load_training_state,
     load_weights,
 )
+from sci_scale.train.checkpoint_index import CheckpointError, latest_checkpoint
 from sci_scale.train.engine import ScheduleView, build_engine
 from sci_scale.train.grads import (
     allreduce_data_parallel_grads,
@@ -66,6 +67,11 @@ class TrainResult:
     checkpoint: Path | None = None
     wall_time_s: float = 0.0
     pair_rate_realised: float = 0.0
+    stop_reason: str | None = None  # set when a signal or train.max_wall_minutes ended the run
+
+    @property
+    def finished(self) -> bool:
+        return self.stop_reason is None
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -119,25 +125,26 @@ def layout_summary(tp: int, pp: int, dp: int, zero_stage: int, virtual: int = 1)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False) -> None:
+    """``resume``: False starts fresh, True continues from ``latest`` (an error when there is
+    none), "auto" continues when a checkpoint exists and starts fresh otherwise (what a job
+    that may be requeued wants)."""
+
+    def __init__(self, cfg: Config, resume: bool | Literal["auto"] = False) -> None:
         self.cfg = cfg
         self.resume = resume
         self.run_dir = Path(cfg.run.dir)
-        self.stop_requested = False
+        self.signal_received: str | None = None
+        self.started = time.monotonic()
 
     # -- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg, t = self.cfg, self.cfg.train
+        # Checked on every rank before any process group exists: nothing can hang on it.
+        data_parallel_size(cfg, read_dist_env()[1])
         self.env = init_distributed(
             cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline
         )
         dp = parallel_state.get_data_parallel_world_size()
-        t = cfg.train
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            raise ConfigError(
-                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})"
-            )
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = dp
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
@@ -190,6 +197,10 @@ class Trainer:
         # then the optimizer state that lives in it.
         self.step, self.consumed_samples = 0, 0
         resume_from: Path | None = None
+        if self.resume == "auto":
+            self.resume = latest_checkpoint(self.checkpoints.root) is not None
+            if not self.resume:
+                log.info("no checkpoint under %s: starting a new run", self.checkpoints.root)
         if self.resume:
             resume_from = latest_checkpoint(self.checkpoints.root)
             if resume_from is None:
@@ -419,8 +430,29 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
-        self.stop_requested = True
+        name = signal.Signals(signum).name
+        log.warning("received %s: saving a checkpoint after this step", name)
+        self.signal_received = name
+
+    def _stop_reason(self) -> str | None:
+        """Why to stop after this step, agreed by every rank.
+
+        Slurm signals each task on its own, so ranks may see a signal one step apart; the wall
+        clock is read on rank 0. One max-reduction of two flags makes every rank stop (and save)
+        at the same step, which a collective checkpoint needs.
+        """
+        limit = self.cfg.train.max_wall_minutes
+        over_time = (
+            self.is_main and limit is not None and time.monotonic() - self.started >= limit * 60
+        )
+        flags = torch.tensor([self.signal_received is not None, over_time], dtype=torch.int32)
+        if self.env.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0]:
+            return f"signal {self.signal_received or 'on another rank'}"
+        if flags[1]:
+            return f"train.max_wall_minutes={limit} reached"
+        return None
 
     def _log_console(self, window: list[dict[str, Any]]) -> None:
         """One line for the last ``log_interval`` steps: the latest LM loss, the window's mean
@@ -494,10 +526,18 @@ class Trainer:
                     self._log_console(window)
                 if not math.isfinite(record["lm_loss"]):
                     raise FloatingPointError(f"LM loss is {record['lm_loss']} at step {self.step}")
-                if self.step % cfg.checkpoint.interval == 0 or self.stop_requested:
+                stop_reason = self._stop_reason() if self.step < stop_at else None
+                if self.step % cfg.checkpoint.interval == 0 or stop_reason:
                     result.checkpoint = self._save()
                     last_saved = self.step
-                if self.stop_requested:
+                if stop_reason:
+                    result.stop_reason = stop_reason
+                    if self.is_main:
+                        log.warning(
+                            "stopping at step %d (%s); continue with --resume",
+                            self.step,
+                            stop_reason,
+                        )
                     break
             finished = self.step >= t.steps
             if last_saved != self.step and (
@@ -521,5 +561,7 @@ class Trainer:
         return result
 
 
-def train(cfg: Config, resume: bool = False, max_steps: int | None = None) -> TrainResult:
+def train(
+    cfg: Config, resume: bool | Literal["auto"] = False, max_steps: int | None = None
+) -> TrainResult:
     return Trainer(cfg, resume=resume).run(max_steps=max_steps)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sci_scale.errors import UserError
+
 
 @dataclass(frozen=True)
 class Example:
@@ -23,7 +25,7 @@ class Example:
     split: str
 
 
-class PairDataError(ValueError):
+class PairDataError(UserError, ValueError):
     """Bad input to a pair generator: an unknown name, a missing path, a malformed line.
 
     Errors about a line of a file name the file and the 1-based line number as ``path:line``.

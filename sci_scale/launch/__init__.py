@@ -1,0 +1,1 @@
+"""Launching runs on clusters: Slurm batch scripts, submission, and run status."""

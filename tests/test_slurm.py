@@ -1,0 +1,162 @@
+"""sci-scale on a real Slurm cluster: two slurmd "nodes" on this host (see ``slurm_cluster``).
+
+The jobs are submitted with ``sci-scale submit`` exactly as a user would, run one task per node
+(gloo on CPU), and are compared step by step with the same training under torchrun. The cluster
+is started once for the module and stopped when it ends, pass or fail.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import small_overrides
+from launchers import REPO, failure_summary, torchrun
+from slurm_cluster import LocalSlurm
+
+from sci_scale.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slurm
+
+STEPS = 40
+JOB_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    local = LocalSlurm(tmp_path_factory.mktemp("slurm-cluster"))
+    try:
+        local.start()
+        print(f"\nSlurm cluster with {len(local.nodes)} nodes up in {local.startup_s:.1f}s")
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("slurm-runs")
+
+
+def run_overrides(run_dir: Path, cache: Path) -> list[str]:
+    return [
+        *small_overrides(run_dir, cache),
+        f"train.steps={STEPS}",
+        "train.log_interval=1",
+        "train.eval_interval=20",
+    ]
+
+
+@pytest.fixture(scope="module")
+def torchrun_records(runs: Path, data_cache: Path) -> list[dict]:
+    """The same training, two processes under torchrun: what the Slurm jobs must reproduce."""
+    run_dir = runs / "torchrun"
+    proc = torchrun(2, run_overrides(run_dir, data_cache))
+    assert proc.returncode == 0, failure_summary(proc)
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert any(r["scl_loss"] is not None for r in records)  # pair blocks and SCL are exercised
+    return records
+
+
+def submit(cluster: LocalSlurm, run_dir: Path, cache: Path) -> str:
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "sci_scale", "submit", *run_overrides(run_dir, cache),
+            "--nodes", "2", "--gpus-per-node", "0", "--time", "00:10:00",
+        ],
+        env=cluster.env, cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    match = re.search(r"submitted job (\d+)", proc.stdout)
+    assert match, proc.stdout
+    assert f"run directory {run_dir}" in proc.stdout
+    return match.group(1)
+
+
+def job_output(run_dir: Path, job_id: str) -> str:
+    return "".join(p.read_text() for p in sorted((run_dir / "slurm").glob(f"*-{job_id}.*")))
+
+
+def assert_same_losses(records: list[dict], expected: list[dict]) -> None:
+    """Same layout, same processes: the losses are bitwise those of the torchrun run."""
+    assert [r["step"] for r in records] == [r["step"] for r in expected]
+    for got, want in zip(records, expected, strict=True):
+        for key in ("lm_loss", "scl_loss", "grad_norm", "pair_blocks", "consumed_samples"):
+            assert got[key] == want[key], (got["step"], key, got[key], want[key])
+
+
+def test_two_node_job_matches_torchrun(
+    cluster: LocalSlurm, torchrun_records: list[dict], runs: Path, data_cache: Path
+) -> None:
+    run_dir = runs / "two_nodes"
+    t0 = time.perf_counter()
+    job_id = submit(cluster, run_dir, data_cache)
+    state = cluster.wait_for_job(job_id, JOB_TIMEOUT_S)
+    print(f"\ntwo-node job {job_id}: {state} in {time.perf_counter() - t0:.1f}s")
+    out = job_output(run_dir, job_id)
+    assert state == "COMPLETED", out
+    assert "on node[1-2], master 127.0.0.1" in out  # one task on each node, rank 0's NodeAddr
+    assert "layout: TP1 x PP1 x DP2, ZeRO-0 (2 processes)" in out
+    assert_same_losses(read_metrics(run_dir), torchrun_records)
+
+    status = subprocess.run(
+        [sys.executable, "-m", "sci_scale", "status", str(run_dir)],
+        env=cluster.env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    assert f"step       {STEPS}/{STEPS} (finished)" in status.stdout
+    assert f"slurm job  {job_id}: COMPLETED" in status.stdout
+    assert f"step_{STEPS:07d}" in status.stdout
+
+
+def wait_for_step(run_dir: Path, step: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().count("\n") >= step:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{path} did not reach step {step} in {timeout_s:.0f}s")
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(
+    cluster: LocalSlurm, torchrun_records: list[dict], runs: Path, data_cache: Path
+) -> None:
+    run_dir = runs / "preempted"
+    t0 = time.perf_counter()
+    job_id = submit(cluster, run_dir, data_cache)
+    wait_for_step(run_dir, 3, JOB_TIMEOUT_S)
+    cluster.run("scancel", "--signal=USR1", job_id)
+    state = cluster.wait_for_job(job_id, JOB_TIMEOUT_S)
+    print(f"\npreempted job {job_id}: {state} in {time.perf_counter() - t0:.1f}s")
+    out = job_output(run_dir, job_id)
+    assert state == "COMPLETED", out
+
+    stop = re.search(r"stopping at step (\d+) \(signal SIGUSR1", out)
+    assert stop, out
+    stopped_at = int(stop.group(1))
+    assert 3 <= stopped_at < STEPS
+    assert f"requeueing job {job_id}" in out
+    assert "(restart 1)" in out
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:07d}'}" in out
+    # Every step exactly once, and each equal to the uninterrupted run's.
+    assert_same_losses(read_metrics(run_dir), torchrun_records)
+
+
+def test_task_template_runs_any_command_as_a_job(cluster: LocalSlurm, runs: Path) -> None:
+    """slurm/task.sbatch (conversion, preprocessing, eval jobs) passes its arguments through."""
+    out = runs / "task.out"
+    job_id = cluster.run(
+        "sbatch", "--parsable", f"--output={out}", "--cpus-per-task=1",
+        f"--export=ALL,SCI_SCALE={sys.executable} -m sci_scale",
+        str(REPO / "slurm" / "task.sbatch"), "pairs", "scan", "--split", "length", "--part", "test",
+    ).stdout.strip()  # fmt: skip
+    state = cluster.wait_for_job(job_id, JOB_TIMEOUT_S)
+    text = out.read_text()
+    assert state == "COMPLETED", text
+    assert sum(line.startswith("IN: ") for line in text.splitlines()) == 3920  # SCAN length test
