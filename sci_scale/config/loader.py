@@ -206,6 +206,35 @@ def validate(cfg: Config) -> None:
         ("train.eval_interval", t.eval_interval),
     ):
         _require(value > 0, f"{key} must be positive, got {value}")
+    ph = cfg.phases
+    _require(
+        min(ph.backbone_frozen_until, ph.unfreeze_last_n, ph.partial_until) >= 0,
+        "phases.* must be >= 0",
+    )
+    _require(
+        ph.unfreeze_last_n <= m.num_layers,
+        f"phases.unfreeze_last_n ({ph.unfreeze_last_n}) exceeds model.num_layers ({m.num_layers})",
+    )
+    _require(
+        ph.partial_until == 0 or ph.partial_until >= ph.backbone_frozen_until,
+        f"phases.partial_until ({ph.partial_until}) must come after "
+        f"phases.backbone_frozen_until ({ph.backbone_frozen_until})",
+    )
+    _require(
+        (ph.backbone_frozen_until == 0 and ph.partial_until == 0) or p.zero_stage == 0,
+        f"phases with parallel.zero_stage={p.zero_stage}: DeepSpeed steps its flat partitions "
+        "whole, so frozen parameters would still decay; use parallel.zero_stage=0",
+    )
+    _require(
+        m.sliding_window is None or m.seq_length <= m.sliding_window,
+        f"model.seq_length ({m.seq_length}) exceeds model.sliding_window ({m.sliding_window}): "
+        "the backbone was trained to attend only that far back, and sci-scale attends over the "
+        "whole sequence; train at seq_length <= sliding_window",
+    )
+    _require(
+        m.rope_scaling_factor is None or m.rope_scaling_factor >= 1.0,
+        f"model.rope_scaling_factor must be >= 1, got {m.rope_scaling_factor}",
+    )
     _require(
         t.max_wall_minutes is None or t.max_wall_minutes > 0,
         f"train.max_wall_minutes must be positive (or null for no limit), got {t.max_wall_minutes}",

@@ -39,8 +39,21 @@ class ModelSection:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # Rows of the embedding; None: the tokenizer's vocabulary. Imported models keep their own
+    # (often larger than the tokenizer's, e.g. Qwen2), which the tokenizer must fit into.
+    vocab_size: int | None = None
     make_vocab_size_divisible_by: int = 64
     params_dtype: Dtype = "fp32"
+    head_dim: int | None = None  # None: hidden_size / num_attention_heads
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
+    # Llama-3 RoPE frequency scaling ("rope_type": "llama3"); None: plain RoPE.
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    # A backbone trained with sliding-window attention (Mistral): recorded for export, and
+    # model.seq_length may not exceed it (sci-scale attends over the whole sequence).
+    sliding_window: int | None = None
     # Activation recomputation: "selective" recomputes core attention, "full" whole layers.
     recompute: Literal["none", "selective", "full"] = "none"
 
@@ -75,7 +88,9 @@ class DataSection:
     corpus_paths: list[str] = field(default_factory=list)
     text_key: str = "text"
     max_docs: int | None = None
-    tokenizer: str | None = None  # a sentencepiece .model; None: train one on the corpus
+    # A sentencepiece .model, or a Hugging Face model directory (its tokenizer.json); None:
+    # train a sentencepiece tokenizer on the corpus.
+    tokenizer: str | None = None
     tokenizer_vocab_size: int = 2048
     tokenizer_model_type: Literal["bpe", "unigram"] = "bpe"
     cache_dir: str | None = None  # None: RUN_DIR/data
@@ -134,6 +149,17 @@ class CheckpointSection:
 
 
 @dataclass
+class PhasesSection:
+    """Continued pretraining of a trained backbone (see ``train.phases``): steps 1..
+    ``backbone_frozen_until`` train the SCI branch only; then, until ``partial_until``, the
+    backbone's last ``unfreeze_last_n`` layers join; after that everything trains."""
+
+    backbone_frozen_until: int = 0
+    unfreeze_last_n: int = 0
+    partial_until: int = 0
+
+
+@dataclass
 class LoggingSection:
     """Console, JSONL and wandb (offline unless a mode says otherwise; never logs secrets)."""
 
@@ -153,4 +179,5 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    phases: PhasesSection = field(default_factory=PhasesSection)
     logging: LoggingSection = field(default_factory=LoggingSection)

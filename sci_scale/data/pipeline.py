@@ -24,6 +24,7 @@ from megatron.core.datasets.utils import Split
 from sci_scale.config.schema import Config
 from sci_scale.data.blocks import BlockStream, PairBlockDataset, TokenizedExample, template_id
 from sci_scale.data.corpus import iter_jsonl_texts, stdlib_docstrings
+from sci_scale.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 from sci_scale.data.indexed import tokenize_documents, write_indexed_dataset
 from sci_scale.data.pairs import (
     Example,
@@ -120,6 +121,8 @@ def _pair_symbols(sources: list[str]) -> list[str]:
 def _tokenizer(cfg: Config, cache: Path, texts: list[str], train_pairs: list[Example]):
     d = cfg.data
     if d.tokenizer is not None:
+        if is_hf_tokenizer_dir(d.tokenizer):  # a backbone's directory: its own tokenizer
+            return HFTokenizer(d.tokenizer)
         return SentencePieceTokenizer(d.tokenizer)
     train_pair_texts = [e.text for e in train_pairs]
     key = _digest(

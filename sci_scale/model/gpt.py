@@ -25,6 +25,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from sci_scale.config.loader import ConfigError
 from sci_scale.config.schema import Config
 from sci_scale.losses.aux import attach_aux_loss
 from sci_scale.losses.gather import gather_examples, max_example_count
@@ -47,6 +48,21 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
     return multiple * math.ceil(vocab_size / multiple)
 
 
+def model_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
+    """The embedding's rows: ``model.vocab_size`` if set (it must hold every token id the
+    tokenizer can produce), else the tokenizer's vocabulary."""
+    rows = cfg.model.vocab_size
+    if rows is None:
+        return tokenizer_vocab
+    if tokenizer_vocab > rows:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer_vocab} tokens but the model's embedding has "
+            f"model.vocab_size={rows} rows: ids >= {rows} would index past it; use the "
+            "backbone's own tokenizer (data.tokenizer=HF_DIR)"
+        )
+    return rows
+
+
 def backbone_transformer_config(cfg: Config) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     dtype = torch.bfloat16 if m.params_dtype == "bf16" else torch.float32
@@ -64,6 +80,8 @@ def backbone_transformer_config(cfg: Config) -> TransformerConfig:
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
+        kv_channels=m.head_dim,
+        add_qkv_bias=m.qkv_bias,
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline if p.virtual_pipeline > 1 else None,
@@ -76,6 +94,27 @@ def backbone_transformer_config(cfg: Config) -> TransformerConfig:
         cross_entropy_loss_fusion=False,
         batch_p2p_sync=False,
         **recompute_settings(m.recompute),
+    )
+
+
+def apply_llama3_rope_scaling(rotary: torch.nn.Module, cfg: Config) -> None:
+    """Llama-3 RoPE frequency scaling with all four of its parameters.
+
+    megatron's ``GPTModel(rope_scaling=True)`` fixes the low/high frequency factors and the
+    original context at Llama 3.1's values (1, 4, 8192); imported models may differ (Llama 3.2
+    has factor 32), so the frequencies are recomputed here with megatron's own scaling function.
+    """
+    m = cfg.model
+    dim = rotary.inv_freq.numel() * 2
+    base = 1.0 / (
+        m.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+    )
+    rotary.inv_freq = rotary._apply_scaling(
+        base.to(rotary.inv_freq.device),
+        factor=m.rope_scaling_factor,
+        low_freq_factor=m.rope_low_freq_factor,
+        high_freq_factor=m.rope_high_freq_factor,
+        original_max_position_embeddings=m.rope_original_max_positions,
     )
 
 
@@ -136,6 +175,8 @@ class SCIGPTModel(MegatronModule):
             parallel_output=True,
             vp_stage=vp_stage,
         )
+        if cfg.model.rope_scaling_factor is not None:
+            apply_llama3_rope_scaling(self.gpt.rotary_pos_emb, cfg)
         s = cfg.sci
         self.sci: SCIBranch | None = None
         if s.mode != "off" and pre_process:

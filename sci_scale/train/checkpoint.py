@@ -205,14 +205,71 @@ def read_run_state(path: Path) -> RunState:
     return RunState.from_dict(state)
 
 
-def load_weights(path: Path, model: torch.nn.Module) -> RunState:
+# Parts of a model a checkpoint may lack: a backbone imported from Hugging Face (or trained with
+# sci.mode=off) starts a run with an SCI branch, which then keeps its fresh initialisation.
+OPTIONAL_PREFIXES = ("sci.", "temperature.")
+
+
+def _without_prefixes(sharded: Any, prefixes: tuple[str, ...]) -> Any:
+    """A sharded state dict without the leaves whose checkpoint key starts with a prefix."""
+    if isinstance(sharded, dict):
+        kept = {k: _without_prefixes(v, prefixes) for k, v in sharded.items()}
+        return {k: v for k, v in kept.items() if v is not _DROPPED}
+    key = getattr(sharded, "key", None)
+    if isinstance(key, str) and key.startswith(prefixes):
+        return _DROPPED
+    return sharded
+
+
+_DROPPED = object()
+
+
+def load_weights(path: Path, model: torch.nn.Module, allow_missing_sci: bool = False) -> RunState:
     """Model weights from a checkpoint saved at any TP/PP layout (megatron reshards them).
 
+    ``allow_missing_sci``: a checkpoint without an SCI branch (an imported backbone) loads into
+    a model with one; the branch keeps its initialisation. Anything else missing is an error.
     Call before the model is handed to DeepSpeed: ZeRO-3 partitions what it is given."""
     state = read_run_state(path)
-    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(path / "model"))
-    model.load_state_dict(loaded)
+    sharded = model.sharded_state_dict()
+    strict = True
+    if allow_missing_sci:
+        saved = dist_checkpointing.load_tensors_metadata(str(path / "model"))
+        missing = tuple(p for p in OPTIONAL_PREFIXES if not any(k.startswith(p) for k in saved))
+        if missing:
+            sharded = _without_prefixes(sharded, missing)
+            strict = False
+            log.info("%s has no %s weights: they keep their initialisation", path, missing)
+    loaded = dist_checkpointing.load(sharded, str(path / "model"))
+    result = model.load_state_dict(loaded, strict=strict)
+    if not strict:
+        unexpected = [k for k in result.missing_keys if not k.startswith(OPTIONAL_PREFIXES)]
+        if unexpected or result.unexpected_keys:
+            raise CheckpointError(
+                f"{path}: missing {unexpected}, unexpected {result.unexpected_keys}"
+            )
     return state
+
+
+def save_weights(path: Path, model: torch.nn.Module, run_state: RunState) -> Path:
+    """A weights-only checkpoint at ``path`` (no optimizer or RNG state), written atomically:
+    what a conversion produces and ``checkpoint.init_from`` reads."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "model").mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+    _barrier()
+    if _rank() == 0:
+        _save_torch(run_state.to_dict(), tmp / RUN_STATE)
+        _fsync_dir(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    _barrier()
+    return path
 
 
 def load_training_state(

@@ -28,7 +28,7 @@ from sci_scale.data.loader import MicroBatches
 from sci_scale.data.pipeline import DataBundle, build_data
 from sci_scale.data.tokenizer import tokenizer_identity
 from sci_scale.losses.scl import alpha_at
-from sci_scale.model.gpt import ModelChunks, SCIGPTModel
+from sci_scale.model.gpt import ModelChunks, SCIGPTModel, model_vocab_size
 from sci_scale.runtime.distributed import (
     destroy_distributed,
     init_distributed,
@@ -52,6 +52,7 @@ from sci_scale.train.grads import (
 from sci_scale.train.memory import state_bytes
 from sci_scale.train.metrics import MetricsSink
 from sci_scale.train.optim import build_optimizer, lr_at, set_lr
+from sci_scale.train.phases import FreezeSchedule
 from sci_scale.train.step import BatchCounter, make_forward_step, sum_of
 
 log = logging.getLogger("sci_scale.train")
@@ -187,6 +188,14 @@ class Trainer:
             self.env.world_size,
             "" if self.env.world_size == 1 else "es",
         )
+        self.freeze = FreezeSchedule(cfg.phases, self.chunks, cfg.model.num_layers)
+        if self.freeze.active:
+            log.info(
+                "phases: backbone frozen to step %d, last %d layer(s) train to step %d, then joint",
+                cfg.phases.backbone_frozen_until,
+                cfg.phases.unfreeze_last_n,
+                cfg.phases.partial_until,
+            )
         self.tied_weights = [w for c in self.chunks if (w := mark_tied_output_copy(c)) is not None]
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.forward_backward = get_forward_backward_func()
@@ -211,7 +220,7 @@ class Trainer:
             self._check_resumable(state)
             self.step, self.consumed_samples = state.step, state.consumed_samples
         elif cfg.checkpoint.init_from:
-            load_weights(Path(cfg.checkpoint.init_from), self.model)
+            load_weights(Path(cfg.checkpoint.init_from), self.model, allow_missing_sci=True)
             log.info("initial weights from %s", cfg.checkpoint.init_from)
 
         self.optimizer = build_optimizer(self.model, cfg)
@@ -252,7 +261,7 @@ class Trainer:
         return [
             SCIGPTModel(
                 self.cfg,
-                vocab_size=self.data.tokenizer.vocab_size,
+                vocab_size=model_vocab_size(self.cfg, self.data.tokenizer.vocab_size),
                 pre_process=parallel_state.is_pipeline_first_stage(
                     ignore_virtual=virtual == 1, vp_stage=vp_stage
                 ),
@@ -353,6 +362,7 @@ class Trainer:
         else:
             params = [p for p in self.model.parameters() if p.requires_grad]
             allreduce_data_parallel_grads(params)
+            self.freeze.drop_frozen_grads(self.step + 1)
             norm = clip_grad_norm(params, clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

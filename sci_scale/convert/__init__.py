@@ -1,0 +1,1 @@
+"""Hugging Face import and export (Llama, Mistral, Qwen2, SmolLM2)."""

@@ -1,0 +1,320 @@
+"""``sci-scale convert``: Hugging Face <-> sci-scale checkpoints, and a logits check between them.
+
+Import builds the sci-scale model once in one process, copies the weights in (``weights``),
+and saves a weights-only megatron distributed checkpoint. Such a checkpoint reshards to any
+tensor/pipeline layout when it is loaded, so ``--tp``/``--pp`` only check that the layout fits
+the model and record it as the layout to train with; they never change the tensors.
+Export loads a checkpoint whole (TP=1) and writes safetensors, ``config.json``,
+``generation_config.json`` and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from sci_scale.config import Config, config_from_dict, config_to_dict, validate
+from sci_scale.convert.hf_config import (
+    HF_CONFIG_FILE,
+    UnsupportedModelError,
+    hf_config_from_model,
+    model_section_from_hf,
+    read_hf_config,
+)
+from sci_scale.convert.hf_io import SAFETENSORS, read_hf_weights
+from sci_scale.convert.weights import hf_to_megatron, megatron_to_hf
+from sci_scale.data.hf_tokenizer import TOKENIZER_FILES, HFTokenizer, is_hf_tokenizer_dir
+from sci_scale.data.tokenizer import tokenizer_identity
+from sci_scale.model.gpt import SCIGPTModel, model_vocab_size, padded_vocab_size
+from sci_scale.runtime.distributed import (
+    destroy_distributed,
+    init_distributed,
+    seed_everything,
+)
+from sci_scale.train.checkpoint import RunState, load_weights, read_run_state, save_weights
+
+log = logging.getLogger(__name__)
+
+ORIGINAL_HF_CONFIG = "hf_config.json"  # kept beside an imported checkpoint for the export
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """A one-rank process group (TP=PP=1) for the duration, unless one exists already."""
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        init_distributed(1, 1, 1)
+        seed_everything(0)  # megatron's model-parallel RNG tracker must exist
+    try:
+        yield
+    finally:
+        if owned:
+            destroy_distributed()
+
+
+def whole_model_config(cfg: Config) -> Config:
+    """The same model at TP=PP=1 without ZeRO: how conversions hold it."""
+    return replace(
+        cfg, parallel=replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=1, zero_stage=0)
+    )
+
+
+def import_config(
+    hf_dir: Path, tp: int = 1, pp: int = 1, seq_length: int | None = None, dtype: str = "fp32"
+) -> Config:
+    """The sci-scale config of an HF model: its shape, its tokenizer, SCI off, the layout."""
+    hf = read_hf_config(hf_dir)
+    section = model_section_from_hf(hf, seq_length)
+    section["params_dtype"] = dtype
+    rows = section["vocab_size"]
+    if rows % tp:
+        raise UnsupportedModelError(
+            f"vocab_size ({rows}) is not divisible by --tp ({tp}): the vocabulary would need "
+            "padding rows, which would change the softmax against the original model"
+        )
+    data: dict[str, Any] = (
+        {"tokenizer": str(hf_dir.resolve())} if is_hf_tokenizer_dir(hf_dir) else {}
+    )
+    cfg = config_from_dict(
+        {
+            "model": section,
+            "sci": {"mode": "off"},
+            "data": data,
+            "parallel": {"tensor": tp, "pipeline": pp},
+        }
+    )
+    validate(cfg)
+    if data:
+        model_vocab_size(cfg, HFTokenizer(hf_dir).vocab_size)  # the tokenizer must fit
+    return cfg
+
+
+def hf_to_sci(
+    hf_dir: str | Path,
+    out: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    seq_length: int | None = None,
+    dtype: str = "fp32",
+) -> Path:
+    """Import an HF Llama/Mistral/Qwen2/SmolLM2 model as a sci-scale checkpoint at ``out``."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    t0 = time.perf_counter()
+    cfg = import_config(hf_dir, tp, pp, seq_length, dtype)
+    weights = {k: v.to(DTYPES[dtype]) for k, v in read_hf_weights(hf_dir).items()}
+    rows = cfg.model.vocab_size
+    assert rows is not None
+    whole = whole_model_config(cfg)
+    with single_process():
+        model = SCIGPTModel(whole, vocab_size=rows)
+        padded = padded_vocab_size(rows, whole.model.make_vocab_size_divisible_by, 1)
+        result = model.load_state_dict(hf_to_megatron(weights, cfg.model, padded), strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise UnsupportedModelError(
+                f"weights do not match the model: missing {missing[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}"
+            )
+        del weights
+        identity = (
+            tokenizer_identity(Path(cfg.data.tokenizer) / "tokenizer.json")
+            if cfg.data.tokenizer
+            else {"path": "", "sha256": ""}
+        )
+        state = RunState(0, 0, 1, config_to_dict(cfg), identity)
+        save_weights(out, model, state)
+    shutil.copyfile(hf_dir / HF_CONFIG_FILE, out / ORIGINAL_HF_CONFIG)
+    log.info(
+        "imported %s (%s, %d layers, %.1fM parameters) -> %s in %.1fs",
+        hf_dir,
+        read_hf_config(hf_dir)["architectures"][0],
+        cfg.model.num_layers,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        out,
+        time.perf_counter() - t0,
+    )
+    return out
+
+
+def checkpoint_config(ckpt: Path) -> tuple[Config, RunState]:
+    state = read_run_state(ckpt)
+    return config_from_dict(state.config), state
+
+
+def tokenizer_source(cfg: Config, state: RunState) -> Path | None:
+    """Where the checkpoint's tokenizer lives: an HF directory or a sentencepiece model."""
+    if cfg.data.tokenizer:
+        return Path(cfg.data.tokenizer)
+    path = state.tokenizer.get("path")
+    return Path(path) if path else None
+
+
+def vocab_rows(cfg: Config, state: RunState) -> int:
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    source = tokenizer_source(cfg, state)
+    if source is None or not source.exists():
+        raise UnsupportedModelError(
+            f"the checkpoint's tokenizer {source} is gone; its vocabulary size is unknown"
+        )
+    from sci_scale.data.tokenizer import SentencePieceTokenizer
+
+    tok = HFTokenizer(source) if is_hf_tokenizer_dir(source) else SentencePieceTokenizer(source)
+    return tok.vocab_size
+
+
+def load_whole_model(ckpt: Path) -> tuple[SCIGPTModel, Config, int]:
+    """A checkpoint's model at TP=PP=1 (call inside ``single_process``)."""
+    cfg, state = checkpoint_config(ckpt)
+    rows = vocab_rows(cfg, state)
+    model = SCIGPTModel(whole_model_config(cfg), vocab_size=rows)
+    load_weights(ckpt, model)
+    return model, cfg, rows
+
+
+def sci_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+    """Export a sci-scale checkpoint as a Hugging Face model directory."""
+    ckpt, out = Path(ckpt), Path(out)
+    t0 = time.perf_counter()
+    with single_process():
+        model, cfg, rows = load_whole_model(ckpt)
+        if cfg.sci.mode != "off" and cfg.sci.fuse:
+            raise UnsupportedModelError(
+                "this checkpoint's SCI branch is fused into the backbone; its export needs the "
+                "sci-scale model class (not built yet): export a sci.mode=off or sci.fuse=false "
+                "checkpoint"
+            )
+        backbone = {k: v for k, v in model.state_dict().items() if k.startswith("gpt.")}
+        tensors = {
+            k: v.to(DTYPES[dtype]) for k, v in megatron_to_hf(backbone, cfg.model, rows).items()
+        }
+    template_path = ckpt / ORIGINAL_HF_CONFIG
+    template = json.loads(template_path.read_text()) if template_path.is_file() else None
+    hf_config = hf_config_from_model(cfg.model, rows, template, dtype)
+    tmp = out.with_name(f".tmp-{out.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(tensors, tmp / SAFETENSORS, metadata={"format": "pt"})
+    (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    generation = {
+        k: hf_config[k]
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if hf_config.get(k) is not None
+    }
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    _, state = checkpoint_config(ckpt)
+    _copy_tokenizer(tokenizer_source(cfg, state), tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("exported %s -> %s (%s) in %.1fs", ckpt, out, dtype, time.perf_counter() - t0)
+    return out
+
+
+def _copy_tokenizer(source: Path | None, out: Path) -> None:
+    if source is None or not source.exists():
+        log.warning("no tokenizer to export (source %s is gone)", source)
+        return
+    if source.is_dir():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, out / name)
+        return
+    # A sentencepiece model trained by sci-scale: Llama's tokenizer class reads it.
+    shutil.copyfile(source, out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "add_bos_token": False,
+                "add_eos_token": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+def sci_logits(model: SCIGPTModel, tokens: torch.Tensor, rows: int) -> torch.Tensor:
+    """Full-vocabulary logits [b, s, rows] (gathered over tensor-parallel ranks)."""
+    from megatron.core import tensor_parallel
+
+    positions = torch.arange(tokens.size(1)).expand_as(tokens)
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens, positions)
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    return logits[..., :rows].float()
+
+
+def hf_logits(hf_dir: Path, tokens: torch.Tensor, trust_remote_code: bool = False) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    model.eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def verify(
+    ckpt: str | Path,
+    hf_dir: str | Path,
+    batch: int = 2,
+    seq: int = 32,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+) -> float | None:
+    """Max |logits(sci-scale) - logits(transformers)| on a random token batch.
+
+    Runs at the layout of the launch (torchrun or srun with N processes: TP=N), so the same
+    command checks a checkpoint at TP=1 and TP=2. Returns the difference on rank 0, None on
+    the other ranks.
+    """
+    import torch.distributed as dist
+
+    from sci_scale.runtime.launch_env import read_dist_env
+
+    ckpt, hf_dir = Path(ckpt), Path(hf_dir)
+    cfg, state = checkpoint_config(ckpt)
+    _, world, _ = read_dist_env()
+    cfg = replace(
+        cfg,
+        parallel=replace(cfg.parallel, tensor=world, pipeline=1, virtual_pipeline=1, zero_stage=0),
+    )
+    rows = vocab_rows(cfg, state)
+    init_distributed(world, 1, 1)
+    seed_everything(seed)
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, rows, (batch, seq), generator=generator)
+        model = SCIGPTModel(cfg, vocab_size=rows)
+        load_weights(ckpt, model)
+        ours = sci_logits(model, tokens, rows)
+        if dist.get_rank() != 0:
+            return None
+        theirs = hf_logits(hf_dir, tokens, trust_remote_code)
+        if theirs.shape != ours.shape:
+            raise UnsupportedModelError(f"logits shapes differ: {ours.shape} vs {theirs.shape}")
+        return float((ours - theirs).abs().max())
+    finally:
+        destroy_distributed()

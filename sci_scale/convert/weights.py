@@ -1,0 +1,145 @@
+"""Tensor layouts: Hugging Face Llama-family names and shapes <-> megatron-core's GPTModel.
+
+Both sides use RoPE on the rotate-half layout, so query and key rows are copied as they are. The
+differences are packing:
+- megatron fuses Q, K and V into one ``linear_qkv`` whose rows are grouped per key/value head:
+  ``[q rows of the group's query heads, k rows, v rows]`` for each group in turn (this is where
+  grouped-query conversions usually go wrong: a plain ``cat(q, k, v)`` is only right for one
+  group);
+- megatron fuses SwiGLU's gate and up projections into ``linear_fc1`` as ``[gate; up]``;
+- megatron's embedding and output layer have the vocabulary padded to a multiple that divides
+  evenly over tensor-parallel ranks; the padding rows are zero on import and dropped on export.
+
+These are whole (TP=1) tensors; megatron's distributed checkpointing shards them to any layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sci_scale.config.schema import ModelSection
+
+HF_PREFIX = "model."
+MEGATRON_PREFIX = "gpt."
+
+
+class WeightMappingError(ValueError):
+    pass
+
+
+def head_dim(m: ModelSection) -> int:
+    return m.head_dim or m.hidden_size // m.num_attention_heads
+
+
+def pack_qkv(q: Tensor, k: Tensor, v: Tensor, m: ModelSection) -> Tensor:
+    """[q; k; v] as HF stores them -> megatron's per-group interleaved rows (weights or biases)."""
+    d, groups = head_dim(m), m.num_query_groups
+    per_group = m.num_attention_heads // groups
+    rest = q.shape[1:]
+    q = q.reshape(groups, per_group * d, *rest)
+    k = k.reshape(groups, d, *rest)
+    v = v.reshape(groups, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def unpack_qkv(qkv: Tensor, m: ModelSection) -> tuple[Tensor, Tensor, Tensor]:
+    """The inverse of ``pack_qkv``."""
+    d, groups = head_dim(m), m.num_query_groups
+    per_group = m.num_attention_heads // groups
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(groups, (per_group + 2) * d, *rest)
+    q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def _pad_rows(weight: Tensor, rows: int) -> Tensor:
+    if weight.shape[0] > rows:
+        raise WeightMappingError(f"vocabulary of {weight.shape[0]} rows exceeds {rows}")
+    padded = weight.new_zeros(rows, *weight.shape[1:])
+    padded[: weight.shape[0]] = weight
+    return padded
+
+
+def _take(sd: dict[str, Tensor], key: str) -> Tensor:
+    try:
+        return sd.pop(key)
+    except KeyError:
+        raise WeightMappingError(f"the checkpoint has no tensor {key!r}") from None
+
+
+def hf_to_megatron(hf: dict[str, Tensor], m: ModelSection, padded_vocab: int) -> dict[str, Tensor]:
+    """HF state dict -> SCIGPTModel state dict (backbone keys). Every HF tensor must be used."""
+    hf = dict(hf)
+    out: dict[str, Tensor] = {}
+    mp, hp = MEGATRON_PREFIX, HF_PREFIX
+    embed = _take(hf, f"{hp}embed_tokens.weight")
+    out[f"{mp}embedding.word_embeddings.weight"] = _pad_rows(embed, padded_vocab)
+    for i in range(m.num_layers):
+        src, dst = f"{hp}layers.{i}.", f"{mp}decoder.layers.{i}."
+        attn = f"{src}self_attn."
+        out[f"{dst}input_layernorm.weight"] = _take(hf, f"{src}input_layernorm.weight")
+        out[f"{dst}self_attention.linear_qkv.weight"] = pack_qkv(
+            _take(hf, f"{attn}q_proj.weight"),
+            _take(hf, f"{attn}k_proj.weight"),
+            _take(hf, f"{attn}v_proj.weight"),
+            m,
+        )
+        if m.qkv_bias:
+            out[f"{dst}self_attention.linear_qkv.bias"] = pack_qkv(
+                _take(hf, f"{attn}q_proj.bias"),
+                _take(hf, f"{attn}k_proj.bias"),
+                _take(hf, f"{attn}v_proj.bias"),
+                m,
+            )
+        out[f"{dst}self_attention.linear_proj.weight"] = _take(hf, f"{attn}o_proj.weight")
+        out[f"{dst}pre_mlp_layernorm.weight"] = _take(hf, f"{src}post_attention_layernorm.weight")
+        out[f"{dst}mlp.linear_fc1.weight"] = torch.cat(
+            [_take(hf, f"{src}mlp.gate_proj.weight"), _take(hf, f"{src}mlp.up_proj.weight")]
+        )
+        out[f"{dst}mlp.linear_fc2.weight"] = _take(hf, f"{src}mlp.down_proj.weight")
+    out[f"{mp}decoder.final_layernorm.weight"] = _take(hf, f"{hp}norm.weight")
+    lm_head = hf.pop("lm_head.weight", None)
+    if not m.tie_embeddings:
+        if lm_head is None:
+            raise WeightMappingError("the checkpoint has no tensor 'lm_head.weight'")
+        out[f"{mp}output_layer.weight"] = _pad_rows(lm_head, padded_vocab)
+    elif lm_head is not None and not torch.equal(lm_head, embed):
+        raise WeightMappingError(
+            "tie_word_embeddings is true but lm_head.weight differs from embed_tokens.weight"
+        )
+    # Non-persistent buffers some exports carry (rotary inv_freq) are derived, not weights.
+    leftover = sorted(k for k in hf if not k.endswith("rotary_emb.inv_freq"))
+    if leftover:
+        raise WeightMappingError(
+            f"{len(leftover)} tensor(s) have no place in a {m.num_layers}-layer sci-scale "
+            f"model: {', '.join(leftover[:5])}{' ...' if len(leftover) > 5 else ''}"
+        )
+    return out
+
+
+def megatron_to_hf(sd: dict[str, Tensor], m: ModelSection, vocab: int) -> dict[str, Tensor]:
+    """SCIGPTModel state dict (backbone keys) -> HF state dict, vocabulary padding removed."""
+    mp, hp = MEGATRON_PREFIX, HF_PREFIX
+    out: dict[str, Tensor] = {}
+    out[f"{hp}embed_tokens.weight"] = sd[f"{mp}embedding.word_embeddings.weight"][:vocab]
+    for i in range(m.num_layers):
+        src, dst = f"{mp}decoder.layers.{i}.", f"{hp}layers.{i}."
+        attn = f"{dst}self_attn."
+        out[f"{dst}input_layernorm.weight"] = sd[f"{src}input_layernorm.weight"]
+        q, k, v = unpack_qkv(sd[f"{src}self_attention.linear_qkv.weight"], m)
+        out[f"{attn}q_proj.weight"], out[f"{attn}k_proj.weight"] = q, k
+        out[f"{attn}v_proj.weight"] = v
+        if m.qkv_bias:
+            qb, kb, vb = unpack_qkv(sd[f"{src}self_attention.linear_qkv.bias"], m)
+            out[f"{attn}q_proj.bias"], out[f"{attn}k_proj.bias"] = qb, kb
+            out[f"{attn}v_proj.bias"] = vb
+        out[f"{attn}o_proj.weight"] = sd[f"{src}self_attention.linear_proj.weight"]
+        out[f"{dst}post_attention_layernorm.weight"] = sd[f"{src}pre_mlp_layernorm.weight"]
+        gate, up = torch.chunk(sd[f"{src}mlp.linear_fc1.weight"], 2, dim=0)
+        out[f"{dst}mlp.gate_proj.weight"], out[f"{dst}mlp.up_proj.weight"] = gate, up
+        out[f"{dst}mlp.down_proj.weight"] = sd[f"{src}mlp.linear_fc2.weight"]
+    out[f"{hp}norm.weight"] = sd[f"{mp}decoder.final_layernorm.weight"]
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = sd[f"{mp}output_layer.weight"][:vocab]
+    return {k: v.contiguous() for k, v in out.items()}
