@@ -48,19 +48,22 @@ def test_import_matches_transformers(models: dict, name: str) -> None:
     assert diff is not None and diff <= TOLERANCE, diff
 
 
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_import_matches_transformers_at_tp2(models: dict, name: str) -> None:
-    """The same checkpoint, resharded to two tensor-parallel ranks by megatron at load."""
+def test_import_matches_transformers_at_tp2_and_pp2(models: dict, name: str, layout: str) -> None:
+    """The same checkpoint, resharded by megatron at load to two tensor or pipeline ranks."""
     from launchers import free_port
 
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         f"--master_port={free_port()}", "-m", "sci_scale", "convert", "verify",
         "--ckpt", str(models[name]["ckpt"]), "--hf", str(models[name]["hf"]),
-        "--tolerance", str(TOLERANCE),
+        "--tolerance", str(TOLERANCE), "--pp", "2" if layout == "pp2" else "1",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, failure_summary(proc)
+    expected = "TP1 x PP2" if layout == "pp2" else "TP2 x PP1"
+    assert f"logits at {expected}" in proc.stdout
     match = re.search(r"max \|logits difference\| = (\S+) \(within", proc.stdout)
     assert match, proc.stdout
     assert float(match.group(1)) <= TOLERANCE
@@ -313,3 +316,90 @@ def test_cli_round_trip(tmp_path: Path) -> None:
     state = hf.checkpoint_config(tmp_path / "ckpt")[0]
     assert state.parallel.tensor == 2  # the recorded layout to train with
     shutil.rmtree(tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> dict[str, Path]:
+    """sci-scale models trained a few steps: SCI fused (gate moved off zero), and aux-only."""
+    from sci_scale.train.trainer import train
+
+    root = tmp_path_factory.mktemp("trained")
+    out = {}
+    for name, extra in (("fused", "sci.fuse=true"), ("aux_only", "sci.fuse=false")):
+        cfg = load_config(None, [*small_overrides(root / name, data_cache), "train.steps=6", extra])
+        out[name] = train(cfg).checkpoint
+    return out
+
+
+def test_fused_sci_export_loads_with_remote_code_and_matches(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    out = hf.sci_to_hf(trained["fused"], tmp_path / "fused")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["SciScaleForCausalLM"]
+    assert (out / "modeling_sci_scale.py").is_file()
+    gate = load_file(out / "model.safetensors")["sci.gate"]
+    assert float(gate.abs().max()) > 0  # the branch changes the logits
+    diff = hf.verify(trained["fused"], out, trust_remote_code=True)
+    assert diff is not None and diff <= TOLERANCE, diff
+    # Without the flag transformers refuses to run the directory's code.
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        hf.hf_logits(out, torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_aux_only_sci_export_is_a_plain_model(trained: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = hf.sci_to_hf(trained["aux_only"], tmp_path / "plain")
+    assert not (out / "modeling_sci_scale.py").exists()
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+    diff = hf.verify(trained["aux_only"], out)
+    assert diff is not None and diff <= TOLERANCE, diff
+
+
+def test_init_from_a_checkpoint_of_another_shape_names_the_difference(
+    models: dict, tmp_path: Path
+) -> None:
+    from sci_scale.train.checkpoint_index import CheckpointError
+
+    cfg = continued_config(models, "llama", tmp_path, "train.steps=1")
+    cfg.model = replace(cfg.model, ffn_hidden_size=192)
+    with pytest.raises(CheckpointError, match=r"model\.ffn_hidden_size: 160 there, 192 here"):
+        Trainer(cfg).setup()
+    destroy_distributed()
+
+
+# The published configurations of the backbones the recipes in configs/continue/ are for.
+PUBLISHED = {
+    "smollm2-135m.yaml": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "rope_theta": 100000,
+        "tie_word_embeddings": True, "vocab_size": 49152, "max_position_embeddings": 8192,
+        "hidden_act": "silu",
+    },
+    "llama3-8b.yaml": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3",
+        },
+        "tie_word_embeddings": False, "vocab_size": 128256, "max_position_embeddings": 131072,
+        "hidden_act": "silu",
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", list(PUBLISHED))
+def test_continued_pretraining_recipes_have_their_backbones_shape(recipe: str) -> None:
+    from sci_scale.convert.hf_config import model_section_from_hf
+
+    cfg = load_config(REPO / "configs" / "continue" / recipe)
+    imported = model_section_from_hf(PUBLISHED[recipe])
+    for key, value in imported.items():
+        if key in ("seq_length", "hidden_dropout", "attention_dropout"):
+            continue  # training choices, not the backbone's
+        assert getattr(cfg.model, key) == value, (recipe, key)
+    assert cfg.phases.backbone_frozen_until > 0 and cfg.phases.partial_until > 0

@@ -129,7 +129,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"Hugging Face model {args.out}")
     else:
         diff = hf.verify(
-            args.ckpt, args.hf, args.batch, args.seq, args.seed, args.trust_remote_code
+            args.ckpt,
+            args.hf,
+            batch=args.batch,
+            seq=args.seq,
+            seed=args.seed,
+            trust_remote_code=args.trust_remote_code,
+            pipeline=args.pp,
         )
         if diff is not None:
             ok = diff <= args.tolerance
@@ -282,9 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     s2h.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     s2h.set_defaults(func=cmd_convert)
     ver = conv_sub.add_parser(
-        "verify", help="compare a checkpoint's logits with transformers' (TP = processes)"
+        "verify", help="compare a checkpoint's logits with transformers' at a TP/PP layout"
     )
     ver.add_argument("--ckpt", required=True)
+    ver.add_argument("--pp", type=int, default=1, help="pipeline stages (TP = processes / pp)")
     ver.add_argument("--hf", required=True)
     ver.add_argument("--batch", type=int, default=2)
     ver.add_argument("--seq", type=int, default=32)

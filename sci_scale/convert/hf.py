@@ -32,7 +32,7 @@ from sci_scale.convert.hf_config import (
     read_hf_config,
 )
 from sci_scale.convert.hf_io import SAFETENSORS, read_hf_weights
-from sci_scale.convert.weights import hf_to_megatron, megatron_to_hf
+from sci_scale.convert.weights import hf_to_megatron, megatron_to_hf, sci_branch_to_hf
 from sci_scale.data.hf_tokenizer import TOKENIZER_FILES, HFTokenizer, is_hf_tokenizer_dir
 from sci_scale.data.tokenizer import tokenizer_identity
 from sci_scale.model.gpt import SCIGPTModel, model_vocab_size, padded_vocab_size
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 ORIGINAL_HF_CONFIG = "hf_config.json"  # kept beside an imported checkpoint for the export
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The transformers model class of exports whose SCI branch is fused (copied into the export).
+REMOTE_MODEL_FILE = Path(__file__).resolve().parent / "remote" / "modeling_sci_scale.py"
 
 
 @contextlib.contextmanager
@@ -114,7 +116,9 @@ def hf_to_sci(
     hf_dir, out = Path(hf_dir), Path(out)
     t0 = time.perf_counter()
     cfg = import_config(hf_dir, tp, pp, seq_length, dtype)
-    weights = {k: v.to(DTYPES[dtype]) for k, v in read_hf_weights(hf_dir).items()}
+    # Kept in the file's dtype: load_state_dict casts while copying into the model, so the
+    # weights are never held twice at full precision.
+    weights = read_hf_weights(hf_dir)
     rows = cfg.model.vocab_size
     assert rows is not None
     whole = whole_model_config(cfg)
@@ -191,24 +195,31 @@ def sci_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     t0 = time.perf_counter()
     with single_process():
         model, cfg, rows = load_whole_model(ckpt)
-        if cfg.sci.mode != "off" and cfg.sci.fuse:
-            raise UnsupportedModelError(
-                "this checkpoint's SCI branch is fused into the backbone; its export needs the "
-                "sci-scale model class (not built yet): export a sci.mode=off or sci.fuse=false "
-                "checkpoint"
-            )
-        backbone = {k: v for k, v in model.state_dict().items() if k.startswith("gpt.")}
-        tensors = {
-            k: v.to(DTYPES[dtype]) for k, v in megatron_to_hf(backbone, cfg.model, rows).items()
-        }
+        state_dict = model.state_dict()
+        backbone = {k: v for k, v in state_dict.items() if k.startswith("gpt.")}
+        tensors = megatron_to_hf(backbone, cfg.model, rows)
+        fused = cfg.sci.mode != "off" and cfg.sci.fuse
+        if fused:  # the branch changes the logits: export it with the model class that runs it
+            if cfg.model.tie_embeddings:  # stored explicitly: the wrapper does not tie
+                tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+            tensors = {f"backbone.{k}": v for k, v in tensors.items()}
+            tensors.update(sci_branch_to_hf(state_dict, cfg.sci))
+        tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
     template_path = ckpt / ORIGINAL_HF_CONFIG
     template = json.loads(template_path.read_text()) if template_path.is_file() else None
     hf_config = hf_config_from_model(cfg.model, rows, template, dtype)
+    if template is None:  # a model sci-scale trained: its sentencepiece tokenizer's ids
+        hf_config.update(_special_ids(tokenizer_source(cfg, checkpoint_config(ckpt)[1])))
+    remote_code: Path | None = None
+    if fused:
+        hf_config, remote_code = fused_hf_config(cfg, hf_config, dtype), REMOTE_MODEL_FILE
     tmp = out.with_name(f".tmp-{out.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file(tensors, tmp / SAFETENSORS, metadata={"format": "pt"})
+    if remote_code is not None:
+        shutil.copyfile(remote_code, tmp / remote_code.name)
     (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     generation = {
         k: hf_config[k]
@@ -223,6 +234,45 @@ def sci_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     tmp.rename(out)
     log.info("exported %s -> %s (%s) in %.1fs", ckpt, out, dtype, time.perf_counter() - t0)
     return out
+
+
+def _special_ids(source: Path | None) -> dict[str, int]:
+    if source is None or not source.is_file():
+        return {}
+    from sci_scale.data.tokenizer import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer(source)
+    return {"bos_token_id": tok.bos, "eos_token_id": tok.eos, "pad_token_id": tok.pad}
+
+
+def fused_hf_config(cfg: Config, backbone: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """config.json of a model whose SCI branch is fused: the backbone's config nested, the
+    branch's shape, and the ``auto_map`` that points transformers at ``modeling_sci_scale``."""
+    s = cfg.sci
+    module = REMOTE_MODEL_FILE.stem
+    return {
+        "architectures": ["SciScaleForCausalLM"],
+        "model_type": "sci_scale",
+        "auto_map": {
+            "AutoConfig": f"{module}.SciScaleConfig",
+            "AutoModelForCausalLM": f"{module}.SciScaleForCausalLM",
+        },
+        "backbone": backbone,
+        "sci": {
+            "hidden_size": s.hidden_size,
+            "num_attention_heads": s.num_attention_heads,
+            "num_layers": s.num_layers,
+            "ffn_hidden_size": s.ffn_hidden_size or 4 * s.hidden_size,
+            "norm_epsilon": cfg.model.norm_epsilon,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": cfg.model.seq_length,
+            "fuse_layer": s.fuse_layer,
+        },
+        "tie_word_embeddings": False,
+        "bos_token_id": backbone.get("bos_token_id"),
+        "eos_token_id": backbone.get("eos_token_id"),
+        "torch_dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype],
+    }
 
 
 def _copy_tokenizer(source: Path | None, out: Path) -> None:
@@ -276,6 +326,36 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor, trust_remote_code: bool = Fals
         return model(tokens).logits.float()
 
 
+def _pipeline_logits(model: SCIGPTModel, tokens: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """Logits through megatron's pipeline schedule (forward only); None off the last stage."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    positions = torch.arange(tokens.size(1)).expand_as(tokens)
+
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        output = chunk(batch["tokens"], batch["position_ids"])
+        return output, lambda out, non_loss_data=False: out
+
+    model.eval()
+    with torch.no_grad():
+        collected = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter([{"tokens": tokens, "position_ids": positions}]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=tokens.size(1),
+            micro_batch_size=tokens.size(0),
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    logits = tensor_parallel.gather_from_tensor_model_parallel_region(collected[0])
+    return logits[..., :rows].float()
+
+
 def verify(
     ckpt: str | Path,
     hf_dir: str | Path,
@@ -283,34 +363,51 @@ def verify(
     seq: int = 32,
     seed: int = 0,
     trust_remote_code: bool = False,
+    pipeline: int = 1,
 ) -> float | None:
     """Max |logits(sci-scale) - logits(transformers)| on a random token batch.
 
-    Runs at the layout of the launch (torchrun or srun with N processes: TP=N), so the same
-    command checks a checkpoint at TP=1 and TP=2. Returns the difference on rank 0, None on
-    the other ranks.
+    Runs at the layout of the launch: N processes (torchrun or srun) are TP = N / ``pipeline``
+    x PP = ``pipeline``, the checkpoint resharded by megatron as it loads. Returns the
+    difference on the rank that compares (the last pipeline stage's first tensor-parallel
+    rank), None on the others.
     """
-    import torch.distributed as dist
+    from megatron.core import parallel_state
 
     from sci_scale.runtime.launch_env import read_dist_env
 
     ckpt, hf_dir = Path(ckpt), Path(hf_dir)
     cfg, state = checkpoint_config(ckpt)
     _, world, _ = read_dist_env()
+    if world % pipeline:
+        raise UnsupportedModelError(f"--pp {pipeline} does not divide {world} processes")
+    tp = world // pipeline
     cfg = replace(
         cfg,
-        parallel=replace(cfg.parallel, tensor=world, pipeline=1, virtual_pipeline=1, zero_stage=0),
+        parallel=replace(
+            cfg.parallel, tensor=tp, pipeline=pipeline, virtual_pipeline=1, zero_stage=0
+        ),
     )
+    validate(cfg)
     rows = vocab_rows(cfg, state)
-    init_distributed(world, 1, 1)
+    init_distributed(tp, pipeline, 1)
     seed_everything(seed)
     try:
         generator = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, rows, (batch, seq), generator=generator)
-        model = SCIGPTModel(cfg, vocab_size=rows)
+        model = SCIGPTModel(
+            cfg,
+            vocab_size=rows,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
         load_weights(ckpt, model)
-        ours = sci_logits(model, tokens, rows)
-        if dist.get_rank() != 0:
+        log.info("logits at TP%d x PP%d on %d token(s)", tp, pipeline, tokens.numel())
+        if pipeline == 1:
+            ours = sci_logits(model, tokens, rows)
+        else:
+            ours = _pipeline_logits(model, tokens, rows)
+        if ours is None or parallel_state.get_tensor_model_parallel_rank() != 0:
             return None
         theirs = hf_logits(hf_dir, tokens, trust_remote_code)
         if theirs.shape != ours.shape:

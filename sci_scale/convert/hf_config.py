@@ -13,6 +13,7 @@ from typing import Any
 
 from sci_scale.config.schema import ModelSection
 from sci_scale.errors import UserError
+from sci_scale.model.gpt import llama_ffn_size
 
 # architecture class -> model_type; SmolLM2 checkpoints are LlamaForCausalLM with tied embeddings
 ARCHITECTURES = {
@@ -145,7 +146,7 @@ def hf_config_from_model(
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_query_groups,
-        intermediate_size=m.ffn_hidden_size,
+        intermediate_size=m.ffn_hidden_size or llama_ffn_size(m.hidden_size),
         rms_norm_eps=m.norm_epsilon,
         tie_word_embeddings=m.tie_embeddings,
         vocab_size=vocab,

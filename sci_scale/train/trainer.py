@@ -40,6 +40,7 @@ from sci_scale.train.checkpoint import (
     RunState,
     load_training_state,
     load_weights,
+    read_run_state,
 )
 from sci_scale.train.checkpoint_index import CheckpointError, latest_checkpoint
 from sci_scale.train.engine import ScheduleView, build_engine
@@ -123,6 +124,29 @@ def _megabytes(value: int | None) -> str:
 def layout_summary(tp: int, pp: int, dp: int, zero_stage: int, virtual: int = 1) -> str:
     interleaved = f" (interleaved, {virtual} chunks per stage)" if virtual > 1 else ""
     return f"TP{tp} x PP{pp} x DP{dp}, ZeRO-{zero_stage}{interleaved}"
+
+
+# model.* settings that decide the shapes (or the function) of the weights in a checkpoint
+SHAPE_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "head_dim",
+    "qkv_bias",
+    "tie_embeddings",
+    "vocab_size",
+)
+
+
+def check_same_shape(saved: dict[str, Any], cfg: Config, where: Path) -> None:
+    """checkpoint.init_from must hold a model of this run's shape; name every difference."""
+    now = config_to_dict(cfg)["model"]
+    differ = [k for k in SHAPE_KEYS if k in saved and saved[k] != now.get(k)]
+    if differ:
+        detail = ", ".join(f"model.{k}: {saved[k]} there, {now.get(k)} here" for k in differ)
+        raise CheckpointError(f"checkpoint.init_from={where} holds another model shape ({detail})")
 
 
 class Trainer:
@@ -220,7 +244,9 @@ class Trainer:
             self._check_resumable(state)
             self.step, self.consumed_samples = state.step, state.consumed_samples
         elif cfg.checkpoint.init_from:
-            load_weights(Path(cfg.checkpoint.init_from), self.model, allow_missing_sci=True)
+            init = Path(cfg.checkpoint.init_from)
+            check_same_shape(read_run_state(init).config.get("model", {}), cfg, init)
+            load_weights(init, self.model, allow_missing_sci=True)
             log.info("initial weights from %s", cfg.checkpoint.init_from)
 
         self.optimizer = build_optimizer(self.model, cfg)
