@@ -355,6 +355,16 @@ def test_aux_only_sci_export_is_a_plain_model(trained: dict[str, Path], tmp_path
     assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
     diff = hf.verify(trained["aux_only"], out)
     assert diff is not None and diff <= TOLERANCE, diff
+    # The sentencepiece tokenizer sci-scale trained loads in transformers and encodes alike.
+    from transformers import AutoTokenizer
+
+    from sci_scale.data.tokenizer import SentencePieceTokenizer
+
+    ours = SentencePieceTokenizer(out / "tokenizer.model")
+    theirs = AutoTokenizer.from_pretrained(out)
+    text = "walk twice and jump left\nIN: 3 + 4 OUT: 7"
+    assert theirs(text, add_special_tokens=False).input_ids == ours.tokenize(text)
+    assert (theirs.eos_token_id, theirs.pad_token_id) == (ours.eos, ours.pad)
 
 
 def test_init_from_a_checkpoint_of_another_shape_names_the_difference(

@@ -74,16 +74,45 @@ def write_indexed_dataset(
         if n_tokens == 0:
             raise ValueError(f"{prefix}: no tokens to write (every document was empty)")
         builder.finalize(tmp_idx)
-        # Without the old .idx the target reads as absent, never as old index + new data.
-        Path(get_idx_path(prefix)).unlink(missing_ok=True)
-        os.replace(tmp_bin, get_bin_path(prefix))
-        os.replace(tmp_idx, get_idx_path(prefix))
+        _commit(tmp, prefix)
     except BaseException:
-        builder.data_file.close()
-        Path(tmp_bin).unlink(missing_ok=True)
-        Path(tmp_idx).unlink(missing_ok=True)
+        _discard(builder, tmp)
         raise
     return n_docs, n_tokens
+
+
+def _commit(tmp: str, prefix: str) -> None:
+    """Move a finished temporary pair into place, ``.idx`` last.
+
+    Without the old .idx the target reads as absent, never as old index + new data."""
+    Path(get_idx_path(prefix)).unlink(missing_ok=True)
+    os.replace(get_bin_path(tmp), get_bin_path(prefix))
+    os.replace(get_idx_path(tmp), get_idx_path(prefix))
+
+
+def _discard(builder: IndexedDatasetBuilder, tmp: str) -> None:
+    builder.data_file.close()
+    Path(get_bin_path(tmp)).unlink(missing_ok=True)
+    Path(get_idx_path(tmp)).unlink(missing_ok=True)
+
+
+def merge_indexed_datasets(
+    parts: Sequence[str | Path], prefix: str | Path, vocab_size: int
+) -> None:
+    """Concatenate indexed datasets, in order, into ``prefix`` (atomically, with megatron's
+    ``IndexedDatasetBuilder.add_index``); each part is checked whole first."""
+    prefix = str(prefix)
+    tmp = f"{prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    builder = IndexedDatasetBuilder(get_bin_path(tmp), dtype=DType.optimal_dtype(vocab_size))
+    try:
+        for part in parts:
+            open_indexed_dataset(part)  # a truncated part must not be concatenated
+            builder.add_index(str(part))
+        builder.finalize(get_idx_path(tmp))
+        _commit(tmp, prefix)
+    except BaseException:
+        _discard(builder, tmp)
+        raise
 
 
 def _check_consistent(prefix: str, idx_path: str, bin_path: str) -> None:
