@@ -170,41 +170,70 @@ def cmd_pairs_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from sci_scale.data.corpus import CorpusError, iter_jsonl_texts, stdlib_docstrings
+    import itertools
+
+    from sci_scale.data.corpus import CorpusError, stdlib_docstrings
+    from sci_scale.data.preprocess import BadRecords, iter_texts, resolve_inputs
     from sci_scale.data.tokenizer import train_sentencepiece
 
     if args.input:
-        texts = [t for path in args.input for t in iter_jsonl_texts(path, args.text_key)]
+        bad = BadRecords(skip=False)
+        texts = (t for p in resolve_inputs(args.input) for t in iter_texts(p, args.text_key, bad))
+        texts = list(itertools.islice(texts, args.max_docs)) if args.max_docs else list(texts)
     else:
         texts = stdlib_docstrings()
     if not texts:
         raise CorpusError("no text to train on: the input is empty")
     model = train_sentencepiece(
-        texts, args.out, vocab_size=args.vocab_size, model_type=args.model_type, seed=args.seed
+        texts,
+        args.out,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        seed=args.seed,
+        input_sentence_size=args.sample_sentences,
     )
     logging.getLogger("sci_scale").info(
-        "trained a %d-piece %s tokenizer on %d documents -> %s",
+        "trained a %d-piece %s tokenizer (byte fallback, pad/unk/bos/eos and the pair tokens) "
+        "on %d documents%s -> %s",
         args.vocab_size,
         args.model_type,
         len(texts),
+        f" (a seeded sample of {args.sample_sentences} sentences)" if args.sample_sentences else "",
         model,
     )
     return 0
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from sci_scale.data.corpus import iter_jsonl_texts
-    from sci_scale.data.indexed import tokenize_documents, write_indexed_dataset
-    from sci_scale.data.tokenizer import SentencePieceTokenizer
+    from sci_scale.data.preprocess import PreprocessOptions, preprocess
 
-    tokenizer = SentencePieceTokenizer(args.tokenizer)
-    texts = (t for path in args.input for t in iter_jsonl_texts(path, args.text_key))
-    docs, tokens = write_indexed_dataset(
-        tokenize_documents(texts, tokenizer, append_eod=True), args.out, tokenizer.vocab_size
+    result = preprocess(
+        PreprocessOptions(
+            inputs=args.input,
+            tokenizer=args.tokenizer,
+            out=args.out,
+            text_key=args.text_key,
+            workers=args.workers,
+            append_eod=args.append_eod,
+            skip_bad=args.skip_bad,
+            shard_docs=args.shard_docs,
+        )
     )
-    logging.getLogger("sci_scale").info(
-        "%d documents, %d tokens -> %s.{bin,idx}", docs, tokens, args.out
+    skipped = sum(result.skipped.values())
+    print(
+        f"{result.documents:,} documents, {result.tokens:,} tokens -> {result.prefix}.{{bin,idx}} "
+        f"in {result.seconds:.1f}s ({result.tokens_per_s:,.0f} tokens/s, {args.workers} "
+        f"worker(s)); {result.bytes_on_disk / max(result.tokens, 1):.2f} bytes per token on disk"
+        + (f"; {result.shards_reused} shard(s) reused" if result.shards_reused else "")
+        + (f"; skipped {skipped}: {dict(result.skipped)}" if skipped else "")
     )
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from sci_scale.data.inspect import inspect_dataset
+
+    print(inspect_dataset(args.prefix, args.tokenizer, args.config, args.blocks))
     return 0
 
 
@@ -336,7 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train = tok_sub.add_parser(
         "train", help="train a sentencepiece tokenizer (default corpus: stdlib docstrings)"
     )
-    tok_train.add_argument("--input", nargs="*", default=[], help="JSONL files (default: built-in)")
+    tok_train.add_argument(
+        "--input",
+        nargs="*",
+        default=[],
+        help="files or globs as for preprocess (default: the built-in corpus)",
+    )
+    tok_train.add_argument("--max-docs", type=int, help="read at most this many documents")
+    tok_train.add_argument(
+        "--sample-sentences",
+        type=int,
+        default=0,
+        help="train on a seeded random sample of this many sentences (0: all)",
+    )
     tok_train.add_argument("--text-key", default="text")
     tok_train.add_argument("--out", required=True, help="output prefix; writes PREFIX.model")
     tok_train.add_argument("--vocab-size", type=int, default=2048)
@@ -344,12 +385,39 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--seed", type=int, default=0)
     tok_train.set_defaults(func=cmd_tokenizer_train)
 
-    pre = sub.add_parser("preprocess", help="JSONL corpus -> megatron indexed dataset (.bin/.idx)")
-    pre.add_argument("--input", nargs="+", required=True, help="JSONL files")
+    pre = sub.add_parser(
+        "preprocess", help="corpus files -> megatron indexed dataset (.bin/.idx), in parallel"
+    )
+    pre.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="files or globs: .jsonl .json .parquet .arrow, or saved datasets directories",
+    )
     pre.add_argument("--text-key", default="text")
-    pre.add_argument("--tokenizer", required=True, help="sentencepiece .model")
-    pre.add_argument("--out", required=True, help="output prefix")
+    pre.add_argument("--tokenizer", required=True, help="sentencepiece .model or HF model dir")
+    pre.add_argument("--out", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx")
+    pre.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    pre.add_argument(
+        "--append-eod",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="end every document with the tokenizer's eod (default: yes)",
+    )
+    pre.add_argument("--skip-bad", action="store_true", help="skip and count bad records")
+    pre.add_argument("--shard-docs", type=int, default=4096, help="documents per resumable shard")
     pre.set_defaults(func=cmd_preprocess)
+
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    ins = data_sub.add_parser(
+        "inspect", help="counts, lengths and a sample of an indexed dataset; a config's blend"
+    )
+    ins.add_argument("prefix", nargs="?", help="indexed dataset prefix (PREFIX.bin/.idx)")
+    ins.add_argument("--tokenizer", help="to decode a sample (.model or HF directory)")
+    ins.add_argument("--config", help="a training config: print its realised blend")
+    ins.add_argument("--blocks", type=int, default=10000, help="blocks to count for the blend")
+    ins.set_defaults(func=cmd_data_inspect)
     return parser
 
 

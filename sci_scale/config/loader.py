@@ -206,6 +206,20 @@ def validate(cfg: Config) -> None:
         ("train.eval_interval", t.eval_interval),
     ):
         _require(value > 0, f"{key} must be positive, got {value}")
+    _require(
+        d.corpus != "indexed" or d.tokenizer is not None,
+        "data.corpus is 'indexed': set data.tokenizer to the tokenizer the corpora were "
+        "preprocessed with",
+    )
+    _require(
+        not d.corpus_weights or len(d.corpus_weights) == len(d.corpus_paths),
+        f"data.corpus_weights has {len(d.corpus_weights)} weight(s) for "
+        f"{len(d.corpus_paths)} data.corpus_paths",
+    )
+    _require(
+        all(w > 0 for w in d.corpus_weights),
+        f"data.corpus_weights must be positive, got {d.corpus_weights}",
+    )
     ph = cfg.phases
     _require(
         min(ph.backbone_frozen_until, ph.unfreeze_last_n, ph.partial_until) >= 0,
@@ -321,8 +335,8 @@ def validate(cfg: Config) -> None:
         "data.pair_sources includes 'user' but data.user_pairs_path is not set",
     )
     _require(
-        d.corpus != "jsonl" or bool(d.corpus_paths),
-        "data.corpus is 'jsonl' but data.corpus_paths is empty",
+        d.corpus not in ("jsonl", "indexed") or bool(d.corpus_paths),
+        f"data.corpus is {d.corpus!r} but data.corpus_paths is empty",
     )
     _require(t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
     _require(t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")

@@ -84,8 +84,11 @@ class SciSection:
 class DataSection:
     """Corpus, tokenizer and the structural pairs mixed into ``pair_rate`` of the blocks."""
 
-    corpus: Literal["stdlib_docstrings", "jsonl"] = "stdlib_docstrings"
+    # stdlib_docstrings (built in), jsonl (files tokenized at start), or indexed (prefixes
+    # written by `sci-scale preprocess`, blended by corpus_weights; needs data.tokenizer).
+    corpus: Literal["stdlib_docstrings", "jsonl", "indexed"] = "stdlib_docstrings"
     corpus_paths: list[str] = field(default_factory=list)
+    corpus_weights: list[float] = field(default_factory=list)  # empty: equal weights
     text_key: str = "text"
     max_docs: int | None = None
     # A sentencepiece .model, or a Hugging Face model directory (its tokenizer.json); None:

@@ -11,6 +11,7 @@ cause.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import uuid
@@ -176,3 +177,19 @@ def tokenize_documents(
         if append_eod:
             ids.append(eod)
         yield ids
+
+
+META_SUFFIX = ".meta.json"
+
+
+def write_dataset_meta(prefix: str | Path, meta: dict[str, Any]) -> None:
+    """What made a dataset (tokenizer identity, inputs, counts), beside its .bin/.idx."""
+    path = Path(f"{prefix}{META_SUFFIX}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_dataset_meta(prefix: str | Path) -> dict[str, Any] | None:
+    path = Path(f"{prefix}{META_SUFFIX}")
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -13,6 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch.distributed as dist
@@ -23,9 +24,13 @@ from megatron.core.datasets.utils import Split
 
 from sci_scale.config.schema import Config
 from sci_scale.data.blocks import BlockStream, PairBlockDataset, TokenizedExample, template_id
-from sci_scale.data.corpus import iter_jsonl_texts, stdlib_docstrings
-from sci_scale.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
-from sci_scale.data.indexed import tokenize_documents, write_indexed_dataset
+from sci_scale.data.corpus import CorpusError, iter_jsonl_texts, stdlib_docstrings
+from sci_scale.data.indexed import (
+    open_indexed_dataset,
+    read_dataset_meta,
+    tokenize_documents,
+    write_indexed_dataset,
+)
 from sci_scale.data.pairs import (
     Example,
     arithmetic_examples,
@@ -36,7 +41,7 @@ from sci_scale.data.pairs import (
 )
 from sci_scale.data.pairs.scan import ACTIONS as SCAN_ACTIONS
 from sci_scale.data.pairs.scan import TURNS as SCAN_TURNS
-from sci_scale.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from sci_scale.data.tokenizer import SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +126,7 @@ def _pair_symbols(sources: list[str]) -> list[str]:
 def _tokenizer(cfg: Config, cache: Path, texts: list[str], train_pairs: list[Example]):
     d = cfg.data
     if d.tokenizer is not None:
-        if is_hf_tokenizer_dir(d.tokenizer):  # a backbone's directory: its own tokenizer
-            return HFTokenizer(d.tokenizer)
-        return SentencePieceTokenizer(d.tokenizer)
+        return load_tokenizer(d.tokenizer)  # a .model, or a backbone's directory
     train_pair_texts = [e.text for e in train_pairs]
     key = _digest(
         "spm",
@@ -166,6 +169,24 @@ def _corpus_prefix(cache: Path, texts: list[str], tokenizer: SentencePieceTokeni
     return prefix
 
 
+def check_preprocessed(prefixes: list[str], tokenizer: Any) -> list[Path]:
+    """Each corpus must be a whole indexed dataset tokenized with this run's tokenizer."""
+    out = []
+    ours = tokenizer.unique_identifiers.get("sha256")
+    for prefix in prefixes:
+        open_indexed_dataset(prefix)  # truncated or missing files: a clear error now
+        meta = read_dataset_meta(prefix)
+        theirs = (meta or {}).get("tokenizer", {}).get("sha256")
+        if theirs is not None and theirs != ours:
+            raise CorpusError(
+                f"{prefix} was tokenized with {meta['tokenizer'].get('tokenizer_path')} "
+                f"(sha256 {theirs[:12]}), but data.tokenizer is {tokenizer.model_path} "
+                f"(sha256 {ours[:12]}); preprocess it again with this tokenizer"
+            )
+        out.append(Path(prefix))
+    return out
+
+
 def tokenize_examples(
     examples: list[Example], tokenizer: SentencePieceTokenizer
 ) -> list[TokenizedExample]:
@@ -192,10 +213,15 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     d, seed, seq = cfg.data, cfg.train.seed, cfg.model.seq_length
     cache = Path(d.cache_dir) if d.cache_dir else run_dir / "data"
     cache.mkdir(parents=True, exist_ok=True)
-    texts = corpus_texts(cfg)
     train_pairs, heldout_pairs = pair_examples(cfg) if d.pair_sources else ([], [])
-    tokenizer = _tokenizer(cfg, cache, texts, train_pairs)
-    prefix = _corpus_prefix(cache, texts, tokenizer)
+    if d.corpus == "indexed":  # corpora preprocessed with `sci-scale preprocess`
+        tokenizer = load_tokenizer(d.tokenizer)
+        prefixes = [str(p) for p in check_preprocessed(d.corpus_paths, tokenizer)]
+        weights = d.corpus_weights or [1.0] * len(prefixes)
+    else:
+        texts = corpus_texts(cfg)
+        tokenizer = _tokenizer(cfg, cache, texts, train_pairs)
+        prefixes, weights = [str(_corpus_prefix(cache, texts, tokenizer))], None
 
     n_train = num_train_samples(cfg)
     n_valid = num_eval_samples(cfg)
@@ -204,9 +230,12 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     gpt_config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq,
-        blend=([str(prefix)], None),
+        # several corpora: megatron blends them by weight (its BlendedDataset, indices cached)
+        blend=(prefixes, weights if len(prefixes) > 1 else None),
         split=d.split,
-        path_to_cache=str(cache / "index"),
+        # megatron's BlendedDataset asks torch.distributed for the rank when it caches: a
+        # standalone blend of several corpora (no process group) keeps its indices in memory.
+        path_to_cache=str(cache / "index") if dist.is_initialized() or len(prefixes) == 1 else None,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -295,3 +324,30 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         len(heldout_examples),
         cache,
     )
+
+
+def realised_blend(bundle: DataBundle, prefixes: list[str], blocks: int) -> dict[str, float]:
+    """Fractions of the first ``blocks`` training blocks drawn from each corpus and the pairs.
+
+    Read from megatron's blend indices: the top level chooses corpus or pairs per block, and,
+    with several corpora, the corpus blend chooses among them per corpus block."""
+    train = bundle.train
+    if isinstance(train, BlendedDataset):
+        n = min(blocks, len(train))
+        source = np.asarray(train.dataset_index[:n])
+        corpus_sample = np.asarray(train.dataset_sample_index[:n])[source == 0]
+        corpus_stream = train.datasets[0]
+        fractions = {"pairs": float(np.mean(source == 1))}
+    else:
+        n = min(blocks, len(train))
+        corpus_sample = np.arange(n)
+        corpus_stream = train
+        fractions = {"pairs": 0.0}
+    inner = corpus_stream.inner
+    if isinstance(inner, BlendedDataset):
+        which = np.asarray(inner.dataset_index)[corpus_sample]
+        for i, prefix in enumerate(prefixes):
+            fractions[prefix] = float(np.sum(which == i)) / n
+    else:
+        fractions[prefixes[0]] = len(corpus_sample) / n
+    return fractions

@@ -249,3 +249,17 @@ class SentencePieceTokenizer(_TokenizerBase):
     @property
     def unk(self) -> int:
         return self._sp.unk_id()
+
+
+def load_tokenizer(spec: str | Path) -> Any:
+    """A sentencepiece ``.model`` file, or a Hugging Face model directory's ``tokenizer.json``."""
+    from sci_scale.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
+
+    path = Path(spec)
+    if path.is_dir():
+        if not is_hf_tokenizer_dir(path):
+            raise TokenizerError(f"{path} is a directory without tokenizer.json")
+        return HFTokenizer(path)
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer {path} not found (a .model file or an HF model directory)")
+    return SentencePieceTokenizer(path)
