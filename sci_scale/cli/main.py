@@ -151,8 +151,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sci_scale.train.bench import bench, report
 
     cfg = _config_from_args(args)
-    results = bench(cfg, steps=args.steps, warmup=args.warmup)
+    results = bench(cfg, steps=args.steps, warmup=args.warmup, baseline=args.baseline)
     print(report(results))
+    if args.json:
+        import json
+
+        from sci_scale.train.bench import summary
+
+        Path(args.json).write_text(json.dumps(summary(results), indent=2) + "\n")
+        print(f"figures written to {args.json}")
     return 0
 
 
@@ -348,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.seq_length=512")
     bench.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    bench.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time a plain transformers Llama step of the same shape (default: yes)",
+    )
+    bench.add_argument("--json", help="write every figure to this JSON file")
     bench.set_defaults(func=cmd_bench)
 
     pairs = sub.add_parser("pairs", help="structural pair data")

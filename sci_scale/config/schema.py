@@ -54,6 +54,9 @@ class ModelSection:
     # A backbone trained with sliding-window attention (Mistral): recorded for export, and
     # model.seq_length may not exceed it (sci-scale attends over the whole sequence).
     sliding_window: int | None = None
+    # FP8 matmuls through Transformer Engine (GPU only): "delayed" scaling (amax history) or
+    # "current" (per-tensor scales from the current step); None: bf16/fp32 as params_dtype.
+    fp8: Literal["delayed", "current"] | None = None
     # Activation recomputation: "selective" recomputes core attention, "full" whole layers.
     recompute: Literal["none", "selective", "full"] = "none"
 

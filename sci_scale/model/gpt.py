@@ -94,6 +94,7 @@ def backbone_transformer_config(cfg: Config) -> TransformerConfig:
         cross_entropy_loss_fusion=False,
         batch_p2p_sync=False,
         **recompute_settings(m.recompute),
+        **fp8_settings(m.fp8),
     )
 
 
@@ -116,6 +117,14 @@ def apply_llama3_rope_scaling(rotary: torch.nn.Module, cfg: Config) -> None:
         high_freq_factor=m.rope_high_freq_factor,
         original_max_position_embeddings=m.rope_original_max_positions,
     )
+
+
+def fp8_settings(recipe: str | None) -> dict[str, object]:
+    """megatron's FP8 switches: E4M3 forward / E5M2 backward ("hybrid"), with Transformer
+    Engine's delayed scaling or its per-tensor current scaling ("tensorwise")."""
+    if recipe is None:
+        return {}
+    return {"fp8": "hybrid", "fp8_recipe": {"delayed": "delayed", "current": "tensorwise"}[recipe]}
 
 
 def recompute_settings(mode: str) -> dict[str, object]:
@@ -160,6 +169,11 @@ class SCIGPTModel(MegatronModule):
         self.vocab_size = vocab_size
         self.pre_process, self.post_process = pre_process, post_process
         spec, self.spec_name = select_layer_spec(use_te=use_te)
+        if cfg.model.fp8 is not None and self.spec_name != "transformer-engine":
+            raise ConfigError(
+                f"model.fp8={cfg.model.fp8} needs Transformer Engine on a GPU; this machine "
+                f"builds the {self.spec_name} spec, which has no FP8 kernels"
+            )
         self.gpt = GPTModel(
             config=config,
             transformer_layer_spec=spec,
