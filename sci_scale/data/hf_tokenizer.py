@@ -92,6 +92,10 @@ class HFTokenizer(_TokenizerBase):
         """Text to ids, without bos or eos (the caller adds eod between documents)."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once (the tokenizers library encodes a batch in parallel, in Rust)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
     def detokenize(self, ids: Sequence[int] | Any) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
         return self._tok.decode(ids, skip_special_tokens=True)

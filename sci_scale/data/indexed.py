@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -97,18 +98,28 @@ def _discard(builder: IndexedDatasetBuilder, tmp: str) -> None:
     Path(get_idx_path(tmp)).unlink(missing_ok=True)
 
 
+def _append(builder: IndexedDatasetBuilder, part: IndexedDataset, prefix: str) -> None:
+    """What ``IndexedDatasetBuilder.add_index`` does, without the full ``gc.collect()`` it runs
+    for every part (0.27 s each in a process holding torch and megatron: with thousands of
+    shards that would dominate the whole preprocessing run)."""
+    offset = len(builder.sequence_lengths)
+    builder.sequence_lengths.extend(part.sequence_lengths.tolist())
+    builder.document_indices.extend((offset + part.document_indices[1:]).tolist())
+    with open(get_bin_path(prefix), "rb") as source:
+        shutil.copyfileobj(source, builder.data_file)
+
+
 def merge_indexed_datasets(
     parts: Sequence[str | Path], prefix: str | Path, vocab_size: int
 ) -> None:
-    """Concatenate indexed datasets, in order, into ``prefix`` (atomically, with megatron's
-    ``IndexedDatasetBuilder.add_index``); each part is checked whole first."""
+    """Concatenate indexed datasets, in order, into ``prefix`` (atomically, through megatron's
+    ``IndexedDatasetBuilder``); each part is checked whole first."""
     prefix = str(prefix)
     tmp = f"{prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     builder = IndexedDatasetBuilder(get_bin_path(tmp), dtype=DType.optimal_dtype(vocab_size))
     try:
         for part in parts:
-            open_indexed_dataset(part)  # a truncated part must not be concatenated
-            builder.add_index(str(part))
+            _append(builder, open_indexed_dataset(part), str(part))
         builder.finalize(get_idx_path(tmp))
         _commit(tmp, prefix)
     except BaseException:

@@ -37,7 +37,6 @@ from sci_scale.data.corpus import CorpusError, _parse_line
 from sci_scale.data.indexed import (
     merge_indexed_datasets,
     open_indexed_dataset,
-    tokenize_documents,
     write_dataset_meta,
     write_indexed_dataset,
 )
@@ -138,10 +137,8 @@ def _dataset_texts(rows: Any, where: str, text_key: str, bad: BadRecords) -> Ite
 
 def iter_texts(path: Path, text_key: str, bad: BadRecords) -> Iterator[str]:
     """The documents of one input, whatever its format."""
-    import datasets
-
-    datasets.disable_progress_bars()
     if path.is_dir():
+        datasets = _datasets()
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
@@ -156,18 +153,29 @@ def iter_texts(path: Path, text_key: str, bad: BadRecords) -> Iterator[str]:
     if suffix in JSONL_SUFFIXES or (suffix == ".json" and _first_byte(path) != b"["):
         yield from _jsonl_texts(path, text_key, bad)
     elif suffix == ".json":
+        datasets = _datasets()
         rows = datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)
         yield from _dataset_texts(rows, str(path), text_key, bad)
     elif suffix == ".parquet":
+        datasets = _datasets()
         rows = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
         yield from _dataset_texts(rows, str(path), text_key, bad)
     elif suffix == ".arrow":
+        datasets = _datasets()
         yield from _dataset_texts(datasets.Dataset.from_file(str(path)), str(path), text_key, bad)
     else:
         raise CorpusError(
             f"{path}: unknown format {suffix!r}; expected .jsonl, .json, .parquet, .arrow or a "
             "saved datasets directory"
         )
+
+
+def _datasets() -> Any:
+    """``datasets``, imported only for the formats that need it (it takes seconds)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
 
 
 def _first_byte(path: Path) -> bytes:
@@ -217,7 +225,8 @@ def _write_shard(task: tuple[int, list[str], str, bool]) -> tuple[int, int, int]
     index, texts, shard_dir, append_eod = task
     tok = _worker_tokenizer
     prefix = Path(shard_dir) / f"shard_{index:06d}"
-    docs = tokenize_documents(texts, tok, append_eod=append_eod)
+    eod = [tok.eod] if append_eod else []
+    docs = (ids + eod for ids in tok.tokenize_batch(texts))
     try:
         n_docs, n_tokens = write_indexed_dataset(docs, prefix, tok.vocab_size)
     except ValueError as exc:
@@ -288,7 +297,9 @@ def preprocess(opts: PreprocessOptions, progress: bool | None = None) -> Preproc
             for task in tasks():
                 record(*_write_shard(task)[1:])
         else:
-            ctx = multiprocessing.get_context("spawn")
+            # fork: workers start with the tokenizer library already loaded (spawn would import
+            # torch and megatron again in each, seconds apiece); they only tokenize and write.
+            ctx = multiprocessing.get_context("fork")
             with ctx.Pool(opts.workers, _init_worker, (opts.tokenizer,)) as pool:
                 # A bounded window of shards in flight (Pool.imap would read the whole input
                 # ahead into memory); each shard lands in its own files, so order is free.

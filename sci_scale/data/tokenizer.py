@@ -204,6 +204,10 @@ class SentencePieceTokenizer(_TokenizerBase):
         """Text to ids, without bos or eos."""
         return self._sp.encode(text, out_type=int)
 
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts in one call into sentencepiece's C++ loop."""
+        return self._sp.encode(texts, out_type=int)
+
     def detokenize(self, ids: Sequence[int] | Any) -> str:
         """Ids (a list, numpy array or tensor) to text; control ids (pad, bos, eos) vanish."""
         ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]

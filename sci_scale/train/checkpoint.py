@@ -169,12 +169,7 @@ class CheckpointManager:
         _save_torch(rank_state, tmp / f"rank_{_rank():05d}.pt")
         _barrier()
         if _rank() == 0:
-            # run_state.pt is written last: its presence marks the directory complete.
-            _save_torch(run_state.to_dict(), tmp / RUN_STATE)
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _seal(tmp, final, run_state)
             pointer_tmp = self.root / f".{LATEST}.tmp"
             pointer_tmp.write_text(name + "\n")
             _fsync_file(pointer_tmp)
@@ -263,13 +258,19 @@ def save_weights(path: Path, model: torch.nn.Module, run_state: RunState) -> Pat
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
     _barrier()
     if _rank() == 0:
-        _save_torch(run_state.to_dict(), tmp / RUN_STATE)
-        _fsync_dir(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _seal(tmp, path, run_state)
     _barrier()
     return path
+
+
+def _seal(tmp: Path, final: Path, run_state: RunState) -> None:
+    """Rank 0, once every rank's files are in ``tmp``: write the run state last (its presence
+    marks the directory complete), sync, and move the directory into place."""
+    _save_torch(run_state.to_dict(), tmp / RUN_STATE)
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def load_training_state(
