@@ -147,6 +147,43 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from sci_scale.convert.hf import (
+        checkpoint_config,
+        load_whole_model,
+        single_process,
+        tokenizer_source,
+    )
+    from sci_scale.data.tokenizer import load_tokenizer
+    from sci_scale.eval import generalization as gen
+
+    ckpt = Path(args.ckpt)
+    with single_process():
+        model, cfg, rows = load_whole_model(ckpt)
+        source = tokenizer_source(cfg, checkpoint_config(ckpt)[1])
+        if source is None:
+            raise FileNotFoundError(f"{ckpt}: the checkpoint names no tokenizer")
+        tokenizer = load_tokenizer(source.parent if source.name == "tokenizer.json" else source)
+        generate = gen.GreedyGenerator(
+            model, tokenizer, rows, args.max_new_tokens, args.batch_size, progress=True
+        )
+        if args.task == "cogs" and not args.cogs_path:
+            raise FileNotFoundError("--task cogs needs --cogs-path (a COGS TSV file)")
+        if args.task == "scan":
+            result = gen.evaluate_scan(generate, args.split, args.part, args.limit)
+        else:
+            result = gen.evaluate_cogs(generate, args.cogs_path, args.limit)
+    print(
+        f"{result.task}: {result.correct:,}/{result.examples:,} exact matches "
+        f"({result.accuracy:.2%})"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from sci_scale.train.bench import bench, report
 
@@ -337,6 +374,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-remote-code", action="store_true", help="allow the HF directory's model code"
     )
     ver.set_defaults(func=cmd_convert)
+
+    ev = sub.add_parser("eval", help="SCAN / COGS exact-match generalization of a checkpoint")
+    ev.add_argument("ckpt", help="checkpoint directory (e.g. RUN_DIR/checkpoints/step_0000300)")
+    ev.add_argument("--task", choices=["scan", "cogs"], required=True)
+    ev.add_argument("--split", default="length", help="SCAN split (length, simple, ...)")
+    ev.add_argument("--part", choices=["train", "test"], default="test")
+    ev.add_argument("--cogs-path", help="COGS TSV (e.g. the in-distribution test.tsv)")
+    ev.add_argument("--limit", type=int, help="evaluate the first N examples only")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--json", help="write the result to this JSON file")
+    ev.set_defaults(func=cmd_eval)
 
     st = sub.add_parser("status", help="a run's step, losses, throughput, checkpoint, Slurm job")
     st.add_argument("run_dir")

@@ -201,6 +201,8 @@ class SCIGPTModel(MegatronModule):
                 layer.register_forward_pre_hook(self._inject_hook, with_kwargs=True)
         self.scl_scale = 0.0  # alpha / num_microbatches, set by the trainer every step
         self.records: list[SCIStepRecord] = []
+        # None, or a list that forward passes append (z, template ids) to (see Trainer.evaluate)
+        self.collected: list[tuple[Tensor, Tensor]] | None = None
         self._pending: tuple[Tensor | None, SCLOutput | None] | None = None
         self.apply_mode()
 
@@ -271,6 +273,8 @@ class SCIGPTModel(MegatronModule):
         assert template_ids is not None
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.scl_trains):
             z, templates = self.sci.embed(states, example_ids, template_ids)
+            if self.collected is not None:  # eval: keep this rank's embeddings for the metrics
+                self.collected.append((z.detach().float().cpu(), templates.detach().cpu()))
             if dp_group is None:
                 scl = supervised_contrastive_loss(z, templates, self.temperature())
             else:

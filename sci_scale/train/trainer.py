@@ -27,6 +27,7 @@ from sci_scale.config.layout import data_parallel_size
 from sci_scale.data.loader import MicroBatches
 from sci_scale.data.pipeline import DataBundle, build_data
 from sci_scale.data.tokenizer import tokenizer_identity
+from sci_scale.eval.representation import collapse_warning, representation_metrics
 from sci_scale.losses.scl import alpha_at
 from sci_scale.model.gpt import ModelChunks, SCIGPTModel, model_vocab_size
 from sci_scale.runtime.distributed import (
@@ -460,9 +461,43 @@ class Trainer:
         lm, _ = self._forward_only(self.data.valid_corpus, batches)
         out = {"eval_lm_loss": lm, "eval_ppl": math.exp(min(lm, 50.0))}
         if self.cfg.sci.mode != "off" and self.data.heldout_pairs is not None:
-            _, sci = self._forward_only(self.data.heldout_pairs, batches)
+            self.sci_model.collected = []
+            try:
+                _, sci = self._forward_only(self.data.heldout_pairs, batches)
+                collected = self._gather_embeddings(self.sci_model.collected)
+            finally:
+                self.sci_model.collected = None
             out.update({f"eval_{k}": v for k, v in sci.items()})
+            out.update(self._representation_metrics(collected))
         return out
+
+    def _gather_embeddings(self, local: list[tuple[torch.Tensor, torch.Tensor]]):
+        """Every data-parallel rank's held-out embeddings, on the first pipeline stage."""
+        if not parallel_state.is_pipeline_first_stage():
+            return []
+        if self.dp_size == 1:
+            return local
+        # every first-stage rank enters the collective, with or without embeddings of its own
+        gathered: list[Any] = [None] * self.dp_size
+        dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())
+        return [item for part in gathered for item in part]
+
+    def _representation_metrics(self, collected) -> dict[str, float]:
+        """Alignment, uniformity, RankMe, alpha-ReQ, cosine AUROC, Recall@1/5, MRR of the
+        held-out pair embeddings (rank 0 logs them), and a warning on collapse."""
+        if not self.is_main or not collected:
+            return {}
+        z = torch.cat([c[0] for c in collected])
+        templates = torch.cat([c[1] for c in collected])
+        try:
+            metrics = representation_metrics(z, templates)
+        except ValueError as exc:  # e.g. a held-out set without a negative pair
+            log.warning("no SCI representation metrics: %s", exc)
+            return {}
+        warning = collapse_warning(metrics)
+        if warning:
+            log.warning("%s at step %d", warning, self.step)
+        return {f"eval_sci_{k}": v for k, v in metrics.items()}
 
     # -- loop ----------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:

@@ -1,0 +1,1 @@
+"""Evaluation: SCI representation metrics (more to come: SCAN/COGS generalization, perplexity)."""
