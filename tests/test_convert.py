@@ -413,3 +413,14 @@ def test_continued_pretraining_recipes_have_their_backbones_shape(recipe: str) -
             continue  # training choices, not the backbone's
         assert getattr(cfg.model, key) == value, (recipe, key)
     assert cfg.phases.backbone_frozen_until > 0 and cfg.phases.partial_until > 0
+
+
+def test_a_requeueable_job_starts_from_the_imported_backbone(models: dict, tmp_path: Path) -> None:
+    """``--auto-resume`` (what Slurm jobs run) with no checkpoint yet still loads init_from."""
+    cfg = continued_config(models, "llama", tmp_path, "train.steps=1")
+    trainer = Trainer(cfg, resume="auto")
+    trainer.setup()
+    embedding = trainer.model.state_dict()["gpt.embedding.word_embeddings.weight"]
+    destroy_distributed()
+    original = load_file(models["llama"]["hf"] / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(embedding, original)

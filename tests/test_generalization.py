@@ -61,7 +61,8 @@ def test_greedy_decoding_is_the_same_batched_and_one_by_one(make_config) -> None
 
     result = train(make_config("train.steps=3"))
     with single_process():
-        model, _cfg, rows = load_whole_model(result.checkpoint)
+        loaded = load_whole_model(result.checkpoint)
+        model, rows = loaded.model, loaded.rows
         tok = load_tokenizer(read_run_state(result.checkpoint).tokenizer["path"])
         prompts = [gen.prompt(c) for c, _ in gen.scan_pairs("simple", limit=6)]
         batched = gen.GreedyGenerator(model, tok, rows, max_new_tokens=5, batch_size=8)(prompts)

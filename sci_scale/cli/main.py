@@ -150,27 +150,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from sci_scale.convert.hf import (
-        checkpoint_config,
-        load_whole_model,
-        single_process,
-        tokenizer_source,
-    )
-    from sci_scale.data.tokenizer import load_tokenizer
+    from sci_scale.convert.hf import checkpoint_tokenizer, load_whole_model, single_process
     from sci_scale.eval import generalization as gen
 
+    if args.task == "cogs" and not args.cogs_path:
+        raise FileNotFoundError("--task cogs needs --cogs-path (a COGS TSV file)")
     ckpt = Path(args.ckpt)
     with single_process():
-        model, cfg, rows = load_whole_model(ckpt)
-        source = tokenizer_source(cfg, checkpoint_config(ckpt)[1])
-        if source is None:
-            raise FileNotFoundError(f"{ckpt}: the checkpoint names no tokenizer")
-        tokenizer = load_tokenizer(source.parent if source.name == "tokenizer.json" else source)
+        loaded = load_whole_model(ckpt)
+        tokenizer = checkpoint_tokenizer(loaded.cfg, loaded.state)
         generate = gen.GreedyGenerator(
-            model, tokenizer, rows, args.max_new_tokens, args.batch_size, progress=True
+            loaded.model, tokenizer, loaded.rows, args.max_new_tokens, args.batch_size, True
         )
-        if args.task == "cogs" and not args.cogs_path:
-            raise FileNotFoundError("--task cogs needs --cogs-path (a COGS TSV file)")
         if args.task == "scan":
             result = gen.evaluate_scan(generate, args.split, args.part, args.limit)
         else:

@@ -16,7 +16,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from sci_scale.convert.hf_config import (
 from sci_scale.convert.hf_io import SAFETENSORS, read_hf_weights
 from sci_scale.convert.weights import hf_to_megatron, megatron_to_hf, sci_branch_to_hf
 from sci_scale.data.hf_tokenizer import TOKENIZER_FILES, HFTokenizer, is_hf_tokenizer_dir
-from sci_scale.data.tokenizer import tokenizer_identity
+from sci_scale.data.tokenizer import load_tokenizer, tokenizer_identity
 from sci_scale.model.gpt import SCIGPTModel, model_vocab_size, padded_vocab_size
 from sci_scale.runtime.distributed import (
     destroy_distributed,
@@ -166,27 +166,34 @@ def tokenizer_source(cfg: Config, state: RunState) -> Path | None:
     return Path(path) if path else None
 
 
+def checkpoint_tokenizer(cfg: Config, state: RunState) -> Any:
+    source = tokenizer_source(cfg, state)
+    if source is None or not source.exists():
+        raise UnsupportedModelError(f"the checkpoint's tokenizer {source} is gone")
+    return load_tokenizer(source)
+
+
 def vocab_rows(cfg: Config, state: RunState) -> int:
     if cfg.model.vocab_size is not None:
         return cfg.model.vocab_size
-    source = tokenizer_source(cfg, state)
-    if source is None or not source.exists():
-        raise UnsupportedModelError(
-            f"the checkpoint's tokenizer {source} is gone; its vocabulary size is unknown"
-        )
-    from sci_scale.data.tokenizer import SentencePieceTokenizer
-
-    tok = HFTokenizer(source) if is_hf_tokenizer_dir(source) else SentencePieceTokenizer(source)
-    return tok.vocab_size
+    return checkpoint_tokenizer(cfg, state).vocab_size
 
 
-def load_whole_model(ckpt: Path) -> tuple[SCIGPTModel, Config, int]:
+@dataclass
+class LoadedCheckpoint:
+    model: SCIGPTModel
+    cfg: Config
+    state: RunState
+    rows: int  # embedding rows without padding
+
+
+def load_whole_model(ckpt: Path) -> LoadedCheckpoint:
     """A checkpoint's model at TP=PP=1 (call inside ``single_process``)."""
     cfg, state = checkpoint_config(ckpt)
     rows = vocab_rows(cfg, state)
     model = SCIGPTModel(whole_model_config(cfg), vocab_size=rows)
     load_weights(ckpt, model)
-    return model, cfg, rows
+    return LoadedCheckpoint(model, cfg, state, rows)
 
 
 def sci_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
@@ -194,8 +201,9 @@ def sci_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     ckpt, out = Path(ckpt), Path(out)
     t0 = time.perf_counter()
     with single_process():
-        model, cfg, rows = load_whole_model(ckpt)
-        state_dict = model.state_dict()
+        loaded = load_whole_model(ckpt)
+        cfg, rows = loaded.cfg, loaded.rows
+        state_dict = loaded.model.state_dict()
         backbone = {k: v for k, v in state_dict.items() if k.startswith("gpt.")}
         tensors = megatron_to_hf(backbone, cfg.model, rows)
         fused = cfg.sci.mode != "off" and cfg.sci.fuse
@@ -209,7 +217,7 @@ def sci_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     template = json.loads(template_path.read_text()) if template_path.is_file() else None
     hf_config = hf_config_from_model(cfg.model, rows, template, dtype)
     if template is None:  # a model sci-scale trained: its sentencepiece tokenizer's ids
-        hf_config.update(_special_ids(tokenizer_source(cfg, checkpoint_config(ckpt)[1])))
+        hf_config.update(_special_ids(tokenizer_source(cfg, loaded.state)))
     remote_code: Path | None = None
     if fused:
         hf_config, remote_code = fused_hf_config(cfg, hf_config, dtype), REMOTE_MODEL_FILE
@@ -227,8 +235,7 @@ def sci_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
         if hf_config.get(k) is not None
     }
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    _, state = checkpoint_config(ckpt)
-    _copy_tokenizer(tokenizer_source(cfg, state), tmp)
+    _copy_tokenizer(tokenizer_source(cfg, loaded.state), tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -237,11 +244,9 @@ def sci_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
 
 
 def _special_ids(source: Path | None) -> dict[str, int]:
-    if source is None or not source.is_file():
+    if source is None or not source.is_file():  # a sentencepiece model sci-scale trained
         return {}
-    from sci_scale.data.tokenizer import SentencePieceTokenizer
-
-    tok = SentencePieceTokenizer(source)
+    tok = load_tokenizer(source)
     return {"bos_token_id": tok.bos, "eos_token_id": tok.eos, "pad_token_id": tok.pad}
 
 

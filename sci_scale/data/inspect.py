@@ -40,8 +40,7 @@ def describe_dataset(prefix: str, tokenizer: str | None = None, sample_chars: in
     ]
     source = tokenizer or meta.get("tokenizer", {}).get("tokenizer_path")
     if source:
-        path = Path(source)
-        tok = load_tokenizer(path.parent if path.name == "tokenizer.json" else path)
+        tok = load_tokenizer(source)
         text = tok.detokenize(data[0])
         cut = text[:sample_chars] + (" ..." if len(text) > sample_chars else "")
         lines += [f"document 0, decoded with {source}:", f"  {cut!r}"]

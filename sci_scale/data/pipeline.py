@@ -332,16 +332,14 @@ def realised_blend(bundle: DataBundle, prefixes: list[str], blocks: int) -> dict
     Read from megatron's blend indices: the top level chooses corpus or pairs per block, and,
     with several corpora, the corpus blend chooses among them per corpus block."""
     train = bundle.train
+    n = min(blocks, len(train))
     if isinstance(train, BlendedDataset):
-        n = min(blocks, len(train))
         source = np.asarray(train.dataset_index[:n])
         corpus_sample = np.asarray(train.dataset_sample_index[:n])[source == 0]
         corpus_stream = train.datasets[0]
         fractions = {"pairs": float(np.mean(source == 1))}
     else:
-        n = min(blocks, len(train))
-        corpus_sample = np.arange(n)
-        corpus_stream = train
+        corpus_sample, corpus_stream = np.arange(n), train
         fractions = {"pairs": 0.0}
     inner = corpus_stream.inner
     if isinstance(inner, BlendedDataset):

@@ -198,12 +198,11 @@ def _shards(texts: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _manifest(opts: PreprocessOptions, inputs: list[Path]) -> dict[str, Any]:
+def _manifest(opts: PreprocessOptions, inputs: list[Path], tokenizer: Any) -> dict[str, Any]:
     def describe(path: Path) -> dict[str, Any]:
         stat = path.stat()
         return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
-    tokenizer = load_tokenizer(opts.tokenizer)
     return {
         "inputs": [describe(p) for p in inputs],
         "tokenizer": dict(tokenizer.unique_identifiers),
@@ -212,12 +211,8 @@ def _manifest(opts: PreprocessOptions, inputs: list[Path]) -> dict[str, Any]:
 
 
 # -- workers ---------------------------------------------------------------------------------
+# Set once in the parent; forked workers inherit it, already loaded.
 _worker_tokenizer: Any = None
-
-
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
 def _write_shard(task: tuple[int, list[str], str, bool]) -> tuple[int, int, int]:
@@ -254,11 +249,11 @@ def _shard_done(shard_dir: Path, index: int) -> tuple[int, int] | None:
 def preprocess(opts: PreprocessOptions, progress: bool | None = None) -> PreprocessResult:
     t0 = time.perf_counter()
     inputs = resolve_inputs(opts.inputs)
-    tokenizer = load_tokenizer(opts.tokenizer)
-    _init_worker(opts.tokenizer)
+    global _worker_tokenizer
+    tokenizer = _worker_tokenizer = load_tokenizer(opts.tokenizer)
     out = Path(opts.out)
     shard_dir = Path(f"{out}{SHARDS_SUFFIX}")
-    manifest = _manifest(opts, inputs)
+    manifest = _manifest(opts, inputs, tokenizer)
     manifest_path = shard_dir / MANIFEST
     if shard_dir.exists():
         previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
@@ -300,7 +295,7 @@ def preprocess(opts: PreprocessOptions, progress: bool | None = None) -> Preproc
             # fork: workers start with the tokenizer library already loaded (spawn would import
             # torch and megatron again in each, seconds apiece); they only tokenize and write.
             ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(opts.workers, _init_worker, (opts.tokenizer,)) as pool:
+            with ctx.Pool(opts.workers) as pool:
                 # A bounded window of shards in flight (Pool.imap would read the whole input
                 # ahead into memory); each shard lands in its own files, so order is free.
                 pending: deque = deque()

@@ -255,11 +255,17 @@ class SentencePieceTokenizer(_TokenizerBase):
         return self._sp.unk_id()
 
 
+TOKENIZER_JSON = "tokenizer.json"
+
+
 def load_tokenizer(spec: str | Path) -> Any:
-    """A sentencepiece ``.model`` file, or a Hugging Face model directory's ``tokenizer.json``."""
+    """A sentencepiece ``.model`` file, or a Hugging Face model directory (or its
+    ``tokenizer.json``)."""
     from sci_scale.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 
     path = Path(spec)
+    if path.name == TOKENIZER_JSON and path.is_file():  # what a checkpoint's identity records
+        path = path.parent
     if path.is_dir():
         if not is_hf_tokenizer_dir(path):
             raise TokenizerError(f"{path} is a directory without tokenizer.json")

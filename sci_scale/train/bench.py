@@ -61,31 +61,25 @@ class BenchResult:
 
 
 class TransformersBaseline:
-    """One optimizer step of a plain transformers Llama of the config's backbone shape."""
+    """One optimizer step of a plain transformers model of the config's backbone shape (Llama;
+    Qwen2 with Q/K/V biases)."""
 
     def __init__(self, cfg: Config, vocab: int, seed: int = 0) -> None:
         import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        from sci_scale.model.gpt import llama_ffn_size
+        from sci_scale.convert.hf_config import hf_config_from_model
 
         m, t = cfg.model, cfg.train
         torch.manual_seed(seed)
         dtype = torch.bfloat16 if m.params_dtype == "bf16" else torch.float32
-        config = LlamaConfig(
-            hidden_size=m.hidden_size,
-            intermediate_size=m.ffn_hidden_size or llama_ffn_size(m.hidden_size),
-            num_hidden_layers=m.num_layers,
-            num_attention_heads=m.num_attention_heads,
-            num_key_value_heads=m.num_query_groups,
-            vocab_size=vocab,
-            max_position_embeddings=m.seq_length,
-            tie_word_embeddings=m.tie_embeddings,
-            rope_theta=m.rotary_base,
-            rms_norm_eps=m.norm_epsilon,
-        )
+        # The same transformers configuration an export of this model would carry.
+        fields = hf_config_from_model(m, vocab, None, m.params_dtype)
+        for key in ("architectures", "torch_dtype", "bos_token_id", "eos_token_id"):
+            fields.pop(key)
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = LlamaForCausalLM._from_config(
+        self.model = AutoModelForCausalLM.from_config(
             config, attn_implementation="sdpa", dtype=dtype
         ).to(device)
         self.optimizer = torch.optim.AdamW(

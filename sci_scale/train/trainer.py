@@ -29,7 +29,7 @@ from sci_scale.data.pipeline import DataBundle, build_data
 from sci_scale.data.tokenizer import tokenizer_identity
 from sci_scale.eval.representation import collapse_warning, representation_metrics
 from sci_scale.losses.scl import alpha_at
-from sci_scale.model.gpt import ModelChunks, SCIGPTModel, model_vocab_size
+from sci_scale.model.gpt import ModelChunks, SCIGPTModel, llama_ffn_size, model_vocab_size
 from sci_scale.runtime.distributed import (
     destroy_distributed,
     init_distributed,
@@ -141,12 +141,24 @@ SHAPE_KEYS = (
 )
 
 
+def _effective_shape(model: dict[str, Any]) -> dict[str, Any]:
+    """The shape settings with their defaults resolved (an unset FFN width or head size is
+    the same model as the value it defaults to)."""
+    shape = {k: model.get(k) for k in SHAPE_KEYS}
+    if shape["ffn_hidden_size"] is None and shape["hidden_size"] is not None:
+        shape["ffn_hidden_size"] = llama_ffn_size(shape["hidden_size"])
+    if shape["head_dim"] is None and shape["hidden_size"] and shape["num_attention_heads"]:
+        shape["head_dim"] = shape["hidden_size"] // shape["num_attention_heads"]
+    return shape
+
+
 def check_same_shape(saved: dict[str, Any], cfg: Config, where: Path) -> None:
     """checkpoint.init_from must hold a model of this run's shape; name every difference."""
-    now = config_to_dict(cfg)["model"]
-    differ = [k for k in SHAPE_KEYS if k in saved and saved[k] != now.get(k)]
+    now = _effective_shape(config_to_dict(cfg)["model"])
+    was = _effective_shape({**config_to_dict(cfg)["model"], **saved})
+    differ = [k for k in SHAPE_KEYS if was[k] != now[k]]
     if differ:
-        detail = ", ".join(f"model.{k}: {saved[k]} there, {now.get(k)} here" for k in differ)
+        detail = ", ".join(f"model.{k}: {was[k]} there, {now[k]} here" for k in differ)
         raise CheckpointError(f"checkpoint.init_from={where} holds another model shape ({detail})")
 
 
@@ -230,13 +242,12 @@ class Trainer:
         # Weights first (before DeepSpeed: ZeRO-3 partitions what it is handed), then the engine,
         # then the optimizer state that lives in it.
         self.step, self.consumed_samples = 0, 0
-        resume_from: Path | None = None
+        resume_from = latest_checkpoint(self.checkpoints.root) if self.resume else None
         if self.resume == "auto":
-            self.resume = latest_checkpoint(self.checkpoints.root) is not None
+            self.resume = resume_from is not None
             if not self.resume:
                 log.info("no checkpoint under %s: starting a new run", self.checkpoints.root)
         if self.resume:
-            resume_from = latest_checkpoint(self.checkpoints.root)
             if resume_from is None:
                 raise CheckpointError(
                     f"--resume: no checkpoint under {self.checkpoints.root} (nothing to resume)"
