@@ -179,6 +179,37 @@ def test_first_step_loss_with_sci_attached_equals_transformers(
     assert record["scl_loss"] is not None  # the SCI branch took part
 
 
+def test_heldout_perplexity_of_an_imported_backbone_equals_transformers(
+    models: dict, tmp_path: Path
+) -> None:
+    """`sci-scale eval --task ppl --corpus FILE` on an imported model scores the blocks exactly
+    as transformers' original model does."""
+    from transformers import AutoModelForCausalLM
+
+    from sci_scale.cli.main import eval_cache_dir, main
+    from sci_scale.data.pipeline import heldout_corpus
+
+    ckpt, corpus, out = models["llama"]["ckpt"], corpus_file(tmp_path / "c.jsonl"), tmp_path / "p"
+    argv = ["eval", str(ckpt), "--task", "ppl", "--corpus", str(corpus), "--ppl-blocks", "3",
+            "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    figures = json.loads(out.read_text())
+    cfg, state = hf.checkpoint_config(ckpt)
+    cfg.data = replace(cfg.data, corpus="jsonl", corpus_paths=[str(corpus)], split="0,0,1")
+    with hf.single_process():
+        tok = hf.checkpoint_tokenizer(cfg, state)
+        blocks = heldout_corpus(cfg, eval_cache_dir(cfg, ckpt), tok, 3)
+        samples = [blocks[i] for i in range(3)]
+    reference = AutoModelForCausalLM.from_pretrained(models["llama"]["hf"], dtype=torch.float32)
+    tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples])
+    labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples])
+    mask = torch.stack([torch.as_tensor(s["loss_mask"]) for s in samples]).flatten().double()
+    with torch.no_grad():
+        logits = reference(tokens).logits.double()
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    assert figures["heldout_nll"] == pytest.approx(float((ce * mask).sum() / mask.sum()), rel=1e-5)
+
+
 def changed(before: dict, after: dict) -> set[str]:
     return {k for k in before if not torch.equal(before[k], after[k])}
 

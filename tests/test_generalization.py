@@ -91,6 +91,42 @@ def test_eval_command_scores_a_checkpoint(make_config, tmp_path: Path) -> None:
             "--max-new-tokens", "3", "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
     result = json.loads(out.read_text())
-    assert result["task"] == "scan/length/test" and result["examples"] == 4
-    assert result["correct"] == 0  # 2 steps of training, 3 tokens: nothing can be right yet
+    assert result == {"scan_length": 0.0}  # 2 steps of training, 3 tokens: nothing is right yet
     assert main(["eval", str(ckpt), "--task", "cogs"]) == 2  # no --cogs-path: a clear error
+
+
+def test_could_still_match_follows_words_and_partial_words() -> None:
+    target = ["I_TURN_LEFT", "I_WALK"]
+    assert gen.could_still_match("", target)
+    assert gen.could_still_match(" I_TU", target)  # a partial first word
+    assert gen.could_still_match("I_TURN_LEFT I_WA", target)
+    assert not gen.could_still_match("I_TURN_LEFT ", ["I_TURN_LEFTX"])  # the word has ended
+    assert not gen.could_still_match("I_TURN_RIGHT", target)
+    assert not gen.could_still_match("I_TURN_LEFT I_WALK I_", target)  # longer than the target
+    assert not gen.could_still_match("I_JUMP I_WALK", target)
+
+
+def test_stopping_wrong_continuations_early_keeps_the_score(make_config) -> None:
+    """Exact match with early stopping equals exact match of the full greedy decoding, on
+    targets the model gets right (its own full outputs) and wrong (the gold answers)."""
+    from sci_scale.convert.hf import load_whole_model, single_process
+    from sci_scale.data.tokenizer import load_tokenizer
+    from sci_scale.train.checkpoint import read_run_state
+    from sci_scale.train.trainer import train
+
+    result = train(make_config("train.steps=3"))
+    pairs = gen.scan_pairs("simple", limit=12)
+    with single_process():
+        loaded = load_whole_model(result.checkpoint)
+        tok = load_tokenizer(read_run_state(result.checkpoint).tokenizer["path"])
+        generator = gen.GreedyGenerator(loaded.model, tok, loaded.rows, max_new_tokens=6)
+        full = generator([gen.prompt(c) for c, _ in pairs])
+        mixed = [(c, full[i] if i % 3 else gold) for i, (c, gold) in enumerate(pairs)]
+        early = gen.exact_match(generator, "scan", mixed)  # a GreedyGenerator stops early
+        plain = gen.exact_match(lambda prompts: generator(prompts), "scan", mixed)
+    assert (
+        early.correct
+        == plain.correct
+        == sum(out.split() == gold.split() for out, (_, gold) in zip(full, mixed, strict=True))
+    )
+    assert early.correct >= 8  # every one of its own outputs

@@ -136,6 +136,28 @@ def test_simple_split_is_seeded():
     assert {c for c, _ in a} != {c for c, _ in scan_split("simple", "train", seed=1)}
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_combined_split_trains_on_what_every_component_trains_on(seed):
+    components = ["simple", "length", "template_around_right"]
+    combined = "+".join(components)
+    train = {c for c, _ in scan_split(combined, "train", seed)}
+    test = {c for c, _ in scan_split(combined, "test", seed)}
+    parts = {c: ({x for x, _ in scan_split(c, "train", seed)},
+                 {x for x, _ in scan_split(c, "test", seed)}) for c in components}  # fmt: skip
+    assert train == set.intersection(*(tr for tr, _ in parts.values()))
+    assert test == set.union(*(te for _, te in parts.values()))
+    for _, component_test in parts.values():
+        assert not train & component_test  # no evaluated test command is ever trained on
+    assert len(train) == len(scan_split(combined, "train", seed))  # no repeated lines
+    examples = scan_examples(combined, seed=seed)
+    assert {e.text.removeprefix("IN: ").split(" OUT:")[0] for e in examples} == train
+
+
+def test_combined_split_names_the_unknown_component():
+    with pytest.raises(PairDataError, match=r"unknown SCAN split 'lenght'.*joined by '\+'"):
+        scan_split("simple+lenght", "train")
+
+
 def test_unknown_split_or_part():
     with pytest.raises(PairDataError, match="valid splits"):
         scan_split("nope", "train")

@@ -147,31 +147,62 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_cache_dir(cfg, ckpt: Path) -> Path:
+    """Where evaluation caches tokenized held-out text: the run's data cache for a checkpoint
+    of a run (``RUN_DIR/checkpoints/step_N``), else a directory beside the checkpoint."""
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir)
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent / "data"
+    return ckpt.with_name(f"{ckpt.name}.eval-data")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import replace
 
     from sci_scale.convert.hf import checkpoint_tokenizer, load_whole_model, single_process
-    from sci_scale.eval import generalization as gen
+    from sci_scale.eval.suite import EvalPlan, evaluate_checkpoint
 
-    if args.task == "cogs" and not args.cogs_path:
+    tasks = set(args.task)
+    if "cogs" in tasks and not args.cogs_path:
         raise FileNotFoundError("--task cogs needs --cogs-path (a COGS TSV file)")
     ckpt = Path(args.ckpt)
+    plan = EvalPlan(
+        ppl_blocks=args.ppl_blocks if "ppl" in tasks else 0,
+        scan_splits=[args.split] if "scan" in tasks else [],
+        cogs_file=Path(args.cogs_path) if "cogs" in tasks else None,
+        scan_part=args.part,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        probe_templates=args.probe_templates if "probe" in tasks else 0,
+        progress=True,
+    )
     with single_process():
         loaded = load_whole_model(ckpt)
         tokenizer = checkpoint_tokenizer(loaded.cfg, loaded.state)
-        generate = gen.GreedyGenerator(
-            loaded.model, tokenizer, loaded.rows, args.max_new_tokens, args.batch_size, True
-        )
-        if args.task == "scan":
-            result = gen.evaluate_scan(generate, args.split, args.part, args.limit)
-        else:
-            result = gen.evaluate_cogs(generate, args.cogs_path, args.limit)
-    print(
-        f"{result.task}: {result.correct:,}/{result.examples:,} exact matches "
-        f"({result.accuracy:.2%})"
-    )
+        if args.corpus:  # score a JSONL file instead of the run's own held-out share
+            data = replace(loaded.cfg.data, corpus="jsonl", corpus_paths=[args.corpus],
+                           split="0,0,1", max_docs=None)  # fmt: skip
+            loaded.cfg = replace(loaded.cfg, data=data)
+        cache = eval_cache_dir(loaded.cfg, ckpt)
+        figures = evaluate_checkpoint(loaded, tokenizer, plan, cache)
+    for key, value in figures.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from sci_scale.experiment.ablation import run_ablation
+
+    cfg = _config_from_args(args)
+    out = Path(args.out or cfg.run.dir)
+    command = " ".join(["sci-scale", *sys.argv[1:]]) if sys.argv[1:2] == ["experiment"] else ""
+    report = run_ablation(cfg, out, command)
+    print(f"report written to {report}")
     return 0
 
 
@@ -366,17 +397,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ver.set_defaults(func=cmd_convert)
 
-    ev = sub.add_parser("eval", help="SCAN / COGS exact-match generalization of a checkpoint")
+    ev = sub.add_parser(
+        "eval", help="held-out perplexity, SCAN / COGS exact match, structural probe"
+    )
     ev.add_argument("ckpt", help="checkpoint directory (e.g. RUN_DIR/checkpoints/step_0000300)")
-    ev.add_argument("--task", choices=["scan", "cogs"], required=True)
+    ev.add_argument(
+        "--task",
+        nargs="+",
+        choices=["ppl", "scan", "cogs", "probe"],
+        required=True,
+        help="one or more: held-out perplexity, SCAN or COGS exact match, structural probe",
+    )
     ev.add_argument("--split", default="length", help="SCAN split (length, simple, ...)")
     ev.add_argument("--part", choices=["train", "test"], default="test")
     ev.add_argument("--cogs-path", help="COGS TSV (e.g. the in-distribution test.tsv)")
+    ev.add_argument(
+        "--corpus", help="ppl: a JSONL file to score (default: the run's held-out corpus share)"
+    )
+    ev.add_argument("--ppl-blocks", type=int, default=24, help="ppl: blocks to score")
+    ev.add_argument("--probe-templates", type=int, default=128, help="probe: templates (x2)")
     ev.add_argument("--limit", type=int, help="evaluate the first N examples only")
     ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--json", help="write the result to this JSON file")
+    ev.add_argument(
+        "--max-new-tokens", type=int, help="default: the longest gold output's tokens + 2"
+    )
+    ev.add_argument("--json", help="write the figures to this JSON file")
     ev.set_defaults(func=cmd_eval)
+
+    exp = sub.add_parser("experiment", help="studies made of several training runs")
+    exp_sub = exp.add_subparsers(dest="experiment_command", required=True)
+    abl = exp_sub.add_parser(
+        "ablation",
+        help="train vanilla / pairs / SCI joint / SCI frozen variants over seeds and pair "
+        "rates, evaluate them alike, write REPORT.md with plots",
+    )
+    abl.add_argument(
+        "config", help="YAML config with an experiment section, e.g. configs/ablation.yaml"
+    )
+    abl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. experiment.seeds=[1,2]")
+    abl.add_argument("--out", help="study directory (default: the config's run.dir)")
+    abl.set_defaults(func=cmd_experiment)
 
     st = sub.add_parser("status", help="a run's step, losses, throughput, checkpoint, Slurm job")
     st.add_argument("run_dir")

@@ -253,6 +253,24 @@ def validate(cfg: Config) -> None:
         t.max_wall_minutes is None or t.max_wall_minutes > 0,
         f"train.max_wall_minutes must be positive (or null for no limit), got {t.max_wall_minutes}",
     )
+    e = cfg.experiment
+    _require(len(e.seeds) > 0, "experiment.seeds is empty: give at least one seed")
+    _require(len(set(e.seeds)) == len(e.seeds), f"experiment.seeds repeats a seed: {e.seeds}")
+    for key, rate in [("experiment.pair_rate", e.pair_rate),
+                      ("experiment.sci_only_pair_rate", e.sci_only_pair_rate),
+                      *(("experiment.pair_rates", r) for r in e.pair_rates)]:  # fmt: skip
+        _require(0.0 <= rate < 1.0, f"{key} must be in [0, 1), got {rate}")
+    _require(
+        e.eval_limit is None or e.eval_limit > 0,
+        f"experiment.eval_limit must be positive (or null for every example), got {e.eval_limit}",
+    )
+    for key, value in (
+        ("experiment.sci_only_steps", e.sci_only_steps),
+        ("experiment.ppl_blocks", e.ppl_blocks),
+        ("experiment.probe_templates", e.probe_templates),
+        ("experiment.eval_batch_size", e.eval_batch_size),
+    ):
+        _require(value > 0, f"{key} must be positive, got {value}")
     _require(
         m.hidden_size % m.num_attention_heads == 0,
         f"model.hidden_size ({m.hidden_size}) must be divisible by "

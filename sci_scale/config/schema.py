@@ -175,6 +175,31 @@ class LoggingSection:
 
 
 @dataclass
+class ExperimentSection:
+    """``sci-scale experiment ablation``: the same model trained as several variants and seeds
+    under one token budget, then evaluated alike (docs/science.md)."""
+
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    # pair-block rate of the "pairs, no SCL" and "SCI frozen" variants
+    pair_rate: float = 0.05
+    # the SCI-joint sweep; 0 is the branch with nothing to contrast
+    pair_rates: list[float] = field(default_factory=lambda: [0.0, 0.03, 0.05, 0.10])
+    # "SCI frozen": an SCI-only phase (backbone fixed, SCL only) of this many steps at this
+    # pair-block rate first; its LM tokens are not counted in the budget (the LM does not learn)
+    sci_only_steps: int = 100
+    sci_only_pair_rate: float = 0.5
+    # SCAN test parts scored; training pairs come from the combined split ("a+b": every
+    # command all of them train on), so none of these test commands is ever trained on
+    scan_splits: list[str] = field(
+        default_factory=lambda: ["simple", "length", "template_around_right"]
+    )
+    eval_limit: int | None = 200  # examples per SCAN split and COGS; None: all
+    eval_batch_size: int = 64
+    ppl_blocks: int = 24  # held-out corpus blocks (data.split's test share)
+    probe_templates: int = 128  # held-out templates (2 examples each) of the structural probe
+
+
+@dataclass
 class Config:
     """The whole run configuration."""
 
@@ -187,3 +212,4 @@ class Config:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     phases: PhasesSection = field(default_factory=PhasesSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    experiment: ExperimentSection = field(default_factory=ExperimentSection)

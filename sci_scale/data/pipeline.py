@@ -154,9 +154,12 @@ def _tokenizer(cfg: Config, cache: Path, texts: list[str], train_pairs: list[Exa
 
 
 def _corpus_prefix(cache: Path, texts: list[str], tokenizer: SentencePieceTokenizer) -> Path:
+    # The tokenizer by content, not by path: the same model file reached by another path (a
+    # checkpoint records it absolute) must find the same cached corpus.
+    identity = {k: v for k, v in tokenizer.unique_identifiers.items() if k != "tokenizer_path"}
     key = _digest(
         "corpus",
-        tokenizer.unique_identifiers,
+        identity,
         hashlib.sha256("\x1e".join(texts).encode("utf-8")).hexdigest(),
     )
     prefix = cache / f"corpus-{key}"
@@ -208,31 +211,28 @@ def num_eval_samples(cfg: Config) -> int:
     return max(1, evals) * cfg.train.eval_batches * cfg.train.micro_batch_size
 
 
-def build_data(cfg: Config, run_dir: Path) -> DataBundle:
-    """Everything the trainer reads, built once and cached."""
-    d, seed, seq = cfg.data, cfg.train.seed, cfg.model.seq_length
-    cache = Path(d.cache_dir) if d.cache_dir else run_dir / "data"
-    cache.mkdir(parents=True, exist_ok=True)
-    train_pairs, heldout_pairs = pair_examples(cfg) if d.pair_sources else ([], [])
-    if d.corpus == "indexed":  # corpora preprocessed with `sci-scale preprocess`
-        tokenizer = load_tokenizer(d.tokenizer)
+def corpus_prefixes(
+    cfg: Config, cache: Path, tokenizer: Any, texts: list[str] | None = None
+) -> tuple[list[str], list[float] | None]:
+    """The corpus as indexed-dataset prefixes and blend weights: the preprocessed corpora of
+    ``data.corpus == "indexed"``, else the configured texts tokenized into ``cache``."""
+    d = cfg.data
+    if d.corpus == "indexed":
         prefixes = [str(p) for p in check_preprocessed(d.corpus_paths, tokenizer)]
-        weights = d.corpus_weights or [1.0] * len(prefixes)
-    else:
-        texts = corpus_texts(cfg)
-        tokenizer = _tokenizer(cfg, cache, texts, train_pairs)
-        prefixes, weights = [str(_corpus_prefix(cache, texts, tokenizer))], None
+        return prefixes, d.corpus_weights or [1.0] * len(prefixes)
+    texts = corpus_texts(cfg) if texts is None else texts
+    return [str(_corpus_prefix(cache, texts, tokenizer))], None
 
-    n_train = num_train_samples(cfg)
-    n_valid = num_eval_samples(cfg)
-    r = d.pair_rate
-    corpus_needed = math.ceil(n_train * (1 - r) * 1.01) + 1
-    gpt_config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq,
+
+def _gpt_config(
+    cfg: Config, cache: Path, prefixes: list[str], weights: list[float] | None, tokenizer: Any
+) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.model.seq_length,
         # several corpora: megatron blends them by weight (its BlendedDataset, indices cached)
         blend=(prefixes, weights if len(prefixes) > 1 else None),
-        split=d.split,
+        split=cfg.data.split,
         # megatron's BlendedDataset asks torch.distributed for the rank when it caches: a
         # standalone blend of several corpora (no process group) keeps its indices in memory.
         path_to_cache=str(cache / "index") if dist.is_initialized() or len(prefixes) == 1 else None,
@@ -242,6 +242,43 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         eod_mask_loss=False,
         create_attention_mask=False,
     )
+
+
+def heldout_corpus(cfg: Config, cache: Path, tokenizer: Any, num_blocks: int) -> GPTDataset:
+    """``num_blocks`` blocks of the corpus's test share (the third number of ``data.split``):
+    documents no run of this config trains or validates on, for held-out perplexity."""
+    prefixes, weights = corpus_prefixes(cfg, cache, tokenizer)
+    config = _gpt_config(cfg, cache, prefixes, weights, tokenizer)
+    _, _, test = BlendedMegatronDatasetBuilder(
+        GPTDataset, [1, 1, num_blocks], lambda: True, config
+    ).build()
+    if test is None:
+        raise CorpusError(
+            f"data.split={cfg.data.split!r} has no test share: held-out perplexity needs one "
+            "(e.g. 98,1,1)"
+        )
+    return test
+
+
+def build_data(cfg: Config, run_dir: Path) -> DataBundle:
+    """Everything the trainer reads, built once and cached."""
+    d, seed, seq = cfg.data, cfg.train.seed, cfg.model.seq_length
+    cache = Path(d.cache_dir) if d.cache_dir else run_dir / "data"
+    cache.mkdir(parents=True, exist_ok=True)
+    train_pairs, heldout_pairs = pair_examples(cfg) if d.pair_sources else ([], [])
+    if d.corpus == "indexed":  # corpora preprocessed with `sci-scale preprocess`
+        tokenizer = load_tokenizer(d.tokenizer)
+        prefixes, weights = corpus_prefixes(cfg, cache, tokenizer)
+    else:
+        texts = corpus_texts(cfg)
+        tokenizer = _tokenizer(cfg, cache, texts, train_pairs)
+        prefixes, weights = corpus_prefixes(cfg, cache, tokenizer, texts)
+
+    n_train = num_train_samples(cfg)
+    n_valid = num_eval_samples(cfg)
+    r = d.pair_rate
+    corpus_needed = math.ceil(n_train * (1 - r) * 1.01) + 1
+    gpt_config = _gpt_config(cfg, cache, prefixes, weights, tokenizer)
     train_gpt, valid_gpt, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [corpus_needed, n_valid, 0], lambda: True, gpt_config
     ).build()

@@ -41,22 +41,32 @@ def prompt(source: str) -> str:
 
 
 def exact_match(generate: Generate, task: str, pairs: Sequence[tuple[str, str]]) -> EvalResult:
-    outputs = generate([prompt(source) for source, _ in pairs])
+    prompts = [prompt(source) for source, _ in pairs]
+    if isinstance(generate, GreedyGenerator):  # it may stop a continuation that went wrong
+        outputs = generate(prompts, targets=[gold for _, gold in pairs])
+    else:
+        outputs = generate(prompts)
     correct = sum(
         out.split() == gold.split() for out, (_, gold) in zip(outputs, pairs, strict=True)
     )
     return EvalResult(task, len(pairs), correct)
 
 
-def scan_pairs(split: str, part: str = "test", limit: int | None = None) -> list[tuple[str, str]]:
-    pairs = [(command, " ".join(actions)) for command, actions in scan_split(split, part)]
+def scan_pairs(
+    split: str, part: str = "test", limit: int | None = None, seed: int = 0
+) -> list[tuple[str, str]]:
+    """``(command, actions)`` of a split part. ``seed`` must be the one the model's training
+    pairs were generated with (``train.seed``): it decides the ``simple`` split's membership
+    and every split's order (so which examples ``limit`` keeps)."""
+    lines = scan_split(split, part, seed)  # type: ignore[arg-type]
+    pairs = [(command, " ".join(actions)) for command, actions in lines]
     return pairs[:limit] if limit else pairs
 
 
 def evaluate_scan(
-    generate: Generate, split: str, part: str = "test", limit: int | None = None
+    generate: Generate, split: str, part: str = "test", limit: int | None = None, seed: int = 0
 ) -> EvalResult:
-    return exact_match(generate, f"scan/{split}/{part}", scan_pairs(split, part, limit))
+    return exact_match(generate, f"scan/{split}/{part}", scan_pairs(split, part, limit, seed))
 
 
 def cogs_pairs(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:
@@ -73,12 +83,33 @@ def evaluate_cogs(generate: Generate, path: str | Path, limit: int | None = None
     return exact_match(generate, f"cogs/{Path(path).stem}", cogs_pairs(path, limit))
 
 
+def could_still_match(text: str, target_words: list[str]) -> bool:
+    """Whether a continuation that begins with ``text`` can still equal the target, word for
+    word: every complete word matches, and the last (possibly partial) word begins the
+    target's word at its position."""
+    words = text.split()
+    if len(words) > len(target_words):
+        return False
+    if not words:
+        return True
+    done, last = words[:-1], words[-1]
+    if done != target_words[: len(done)]:
+        return False
+    expected = target_words[len(done)]
+    return expected.startswith(last) if not text[-1:].isspace() else last == expected
+
+
 class GreedyGenerator:
     """Greedy decoding with a sci-scale model in one process.
 
     Prompts are grouped by token length and decoded in lockstep, so no padding enters the
     causal attention; each step runs the whole sequence (no KV cache: the evaluated models are
     small and the outputs short).
+
+    Given ``targets`` (exact-match scoring), a continuation stops as soon as it can no longer
+    equal its target (:func:`could_still_match`): it is wrong whatever comes next, and the
+    score is the one full decoding gives, at a fraction of the steps for a model that errs
+    early. Its returned text is then the wrong prefix so far.
     """
 
     def __init__(
@@ -88,24 +119,31 @@ class GreedyGenerator:
         self.model, self.tok, self.vocab = model, tokenizer, vocab
         self.max_new_tokens, self.batch_size, self.progress = max_new_tokens, batch_size, progress
 
-    def _decode_batch(self, ids: torch.Tensor) -> list[list[int]]:
+    def _decode_batch(
+        self, ids: torch.Tensor, targets: list[list[str]] | None = None
+    ) -> list[list[int]]:
         from sci_scale.convert.hf import sci_logits
 
         out: list[list[int]] = [[] for _ in range(len(ids))]
-        done = torch.zeros(len(ids), dtype=torch.bool)
+        active = list(range(len(ids)))  # which output each row of ``ids`` extends
         for _ in range(self.max_new_tokens):
             nxt = sci_logits(self.model, ids, self.vocab)[:, -1].argmax(-1)
-            for i in torch.nonzero(~done).flatten().tolist():
-                if int(nxt[i]) == self.tok.eod:
-                    done[i] = True
-                else:
-                    out[i].append(int(nxt[i]))
-            if bool(done.all()):
+            keep = []
+            for row, i in enumerate(active):
+                token = int(nxt[row])
+                if token == self.tok.eod:
+                    continue
+                out[i].append(token)
+                if targets is None or could_still_match(self.tok.detokenize(out[i]), targets[i]):
+                    keep.append(row)
+            if not keep:
                 break
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            # finished rows leave the batch, so the later steps cost only what still runs
+            ids = torch.cat([ids, nxt[:, None]], dim=1)[keep]
+            active = [active[row] for row in keep]
         return out
 
-    def __call__(self, prompts: list[str]) -> list[str]:
+    def __call__(self, prompts: list[str], targets: list[str] | None = None) -> list[str]:
         from tqdm.auto import tqdm
 
         encoded = self.tok.tokenize_batch(list(prompts))
@@ -120,6 +158,7 @@ class GreedyGenerator:
         ]
         for batch in tqdm(batches, disable=not self.progress, unit=" batch"):
             ids = torch.tensor([encoded[i] for i in batch], dtype=torch.long)
-            for i, generated in zip(batch, self._decode_batch(ids), strict=True):
+            words = None if targets is None else [targets[i].split() for i in batch]
+            for i, generated in zip(batch, self._decode_batch(ids, words), strict=True):
                 results[i] = self.tok.detokenize(generated)
         return results

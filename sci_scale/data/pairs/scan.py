@@ -43,6 +43,12 @@ Phrases are matched on whole words (so "walk right" does not match "walk around 
 
 Membership of every split except ``simple`` is fixed by its rule; ``seed`` decides the
 membership of ``simple`` and the (shuffled, like the published files) order of every split.
+
+A *combined* split ``a+b`` trains one model for several evaluations without leaking any of
+them: its train part holds the lines of ``a``'s train part whose command is also in the train
+part of every other component, and its test part is every command some component holds out. A
+model trained on ``length+template_around_right`` has seen none of the length split's test
+commands and none of the template split's, so both of those test parts measure generalization.
 """
 
 from __future__ import annotations
@@ -216,8 +222,29 @@ def _contains(command: str, phrase: str) -> bool:
 
 
 def _check_split(split: str) -> None:
-    if split not in SCAN_SPLITS:
-        raise PairDataError(f"unknown SCAN split {split!r}; valid splits: {', '.join(SCAN_SPLITS)}")
+    for component in split.split("+"):
+        if component not in SCAN_SPLITS:
+            raise PairDataError(
+                f"unknown SCAN split {component!r}; valid splits: {', '.join(SCAN_SPLITS)} "
+                "(or several joined by '+', e.g. length+template_around_right)"
+            )
+
+
+def _combined_split(
+    components: list[str], part: Literal["train", "test"], seed: int
+) -> list[tuple[str, list[str]]]:
+    """A combined split (see the module docstring): train parts intersected, tests united."""
+    parts = [scan_split(c, part, seed) for c in components]
+    if part == "train":
+        allowed = set.intersection(*({c for c, _ in p} for p in parts[1:]))
+        return [(c, a) for c, a in parts[0] if c in allowed]
+    seen: set[str] = set()
+    united = []
+    for command, actions in (line for p in parts for line in p):
+        if command not in seen:
+            seen.add(command)
+            united.append((command, actions))
+    return united
 
 
 def _is_test(split: str, command: str, acts: tuple[str, ...]) -> bool | None:
@@ -246,6 +273,8 @@ def scan_split(
     _check_split(split)
     if part not in ("train", "test"):
         raise PairDataError(f"unknown SCAN split part {part!r}; valid parts: train, test")
+    if "+" in split:
+        return _combined_split(split.split("+"), part, seed)
     table = _table()
     order = list(_commands())
     rng = random.Random(f"scan:{split}:{seed}")

@@ -1,0 +1,1 @@
+"""Experiments built from whole training runs (``sci-scale experiment``)."""
