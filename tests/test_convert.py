@@ -198,7 +198,7 @@ def test_heldout_perplexity_of_an_imported_backbone_equals_transformers(
     cfg.data = replace(cfg.data, corpus="jsonl", corpus_paths=[str(corpus)], split="0,0,1")
     with hf.single_process():
         tok = hf.checkpoint_tokenizer(cfg, state)
-        blocks = heldout_corpus(cfg, eval_cache_dir(cfg, ckpt), tok, 3)
+        blocks = heldout_corpus(cfg, eval_cache_dir(cfg, ckpt), tok)
         samples = [blocks[i] for i in range(3)]
     reference = AutoModelForCausalLM.from_pretrained(models["llama"]["hf"], dtype=torch.float32)
     tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples])

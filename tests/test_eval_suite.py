@@ -56,8 +56,11 @@ def test_heldout_perplexity_is_the_mean_cross_entropy_of_the_test_share(trained)
     with single_process():
         loaded = load_whole_model(trained)
         tok = checkpoint_tokenizer(loaded.cfg, loaded.state)
-        blocks = heldout_corpus(loaded.cfg, trained.parent.parent / "data", tok, 3)
+        blocks = heldout_corpus(loaded.cfg, trained.parent.parent / "data", tok)
         assert blocks.index_split == Split.test and len(blocks) >= 3
+        # one pass: every block is a distinct stretch of the test share's tokens
+        starts = {tuple(blocks[i]["tokens"][:16].tolist()) for i in range(len(blocks))}
+        assert len(starts) == len(blocks)
         samples = [blocks[i] for i in range(3)]
         result = perplexity(loaded.model, samples, batch_size=2)
         tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples])

@@ -114,6 +114,23 @@ def test_a_rerun_reads_finished_runs_back(study, caplog: pytest.LogCaptureFixtur
     assert sum("done before" in r.getMessage() for r in caplog.records) == len(before)
 
 
+def test_reevaluation_rescores_without_retraining(study) -> None:
+    report_path, cfg = study
+    out = report_path.parent
+    path = out / "results" / "vanilla-seed1.json"
+    before = json.loads(path.read_text())
+    metrics = Path(before["metrics"]).read_text()
+    from sci_scale.experiment.ablation import derive_config
+
+    fewer = derive_config(cfg, ["experiment.eval_limit=2", "experiment.scan_splits=[length]"])
+    run_ablation(fewer, out, reevaluate=True)
+    after = json.loads(path.read_text())
+    assert Path(before["metrics"]).read_text() == metrics  # no step was trained
+    assert after["train_s"] == before["train_s"] and after["checkpoint"] == before["checkpoint"]
+    assert "scan_simple" not in after["figures"] and "scan_length" in after["figures"]
+    assert after["figures"]["heldout_ppl"] == pytest.approx(before["figures"]["heldout_ppl"])
+
+
 def test_eval_command_runs_every_task_on_a_study_checkpoint(study, tmp_path: Path) -> None:
     from sci_scale.cli.main import main
 

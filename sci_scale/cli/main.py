@@ -201,7 +201,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     out = Path(args.out or cfg.run.dir)
     command = " ".join(["sci-scale", *sys.argv[1:]]) if sys.argv[1:2] == ["experiment"] else ""
-    report = run_ablation(cfg, out, command)
+    report = run_ablation(cfg, out, command, reevaluate=args.reevaluate)
     print(f"report written to {report}")
     return 0
 
@@ -414,7 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--corpus", help="ppl: a JSONL file to score (default: the run's held-out corpus share)"
     )
-    ev.add_argument("--ppl-blocks", type=int, default=24, help="ppl: blocks to score")
+    ev.add_argument(
+        "--ppl-blocks",
+        type=int,
+        default=64,
+        help="ppl: at most this many blocks (one pass at most)",
+    )
     ev.add_argument("--probe-templates", type=int, default=128, help="probe: templates (x2)")
     ev.add_argument("--limit", type=int, help="evaluate the first N examples only")
     ev.add_argument("--batch-size", type=int, default=64)
@@ -436,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     abl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. experiment.seeds=[1,2]")
     abl.add_argument("--out", help="study directory (default: the config's run.dir)")
+    abl.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="score finished runs' checkpoints again (new eval settings); retrains nothing",
+    )
     abl.set_defaults(func=cmd_experiment)
 
     st = sub.add_parser("status", help="a run's step, losses, throughput, checkpoint, Slurm job")

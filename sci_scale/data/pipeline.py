@@ -244,14 +244,14 @@ def _gpt_config(
     )
 
 
-def heldout_corpus(cfg: Config, cache: Path, tokenizer: Any, num_blocks: int) -> GPTDataset:
-    """``num_blocks`` blocks of the corpus's test share (the third number of ``data.split``):
-    documents no run of this config trains or validates on, for held-out perplexity."""
+def heldout_corpus(cfg: Config, cache: Path, tokenizer: Any) -> GPTDataset:
+    """One pass over the corpus's test share (the third number of ``data.split``): blocks of
+    documents no run of this config trains or validates on, for held-out perplexity. Exactly
+    one epoch is built (megatron shuffles the blocks of several epochs together, which would
+    repeat blocks before every one has been seen)."""
     prefixes, weights = corpus_prefixes(cfg, cache, tokenizer)
     config = _gpt_config(cfg, cache, prefixes, weights, tokenizer)
-    _, _, test = BlendedMegatronDatasetBuilder(
-        GPTDataset, [1, 1, num_blocks], lambda: True, config
-    ).build()
+    _, _, test = BlendedMegatronDatasetBuilder(GPTDataset, [1, 1, 1], lambda: True, config).build()
     if test is None:
         raise CorpusError(
             f"data.split={cfg.data.split!r} has no test share: held-out perplexity needs one "

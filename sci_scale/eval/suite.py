@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalPlan:
-    ppl_blocks: int = 0  # 0: no perplexity
+    ppl_blocks: int = 0  # at most this many blocks, never past one pass; 0: no perplexity
     scan_splits: list[str] = field(default_factory=list)
     scan_part: str = "test"
     cogs_file: Path | None = None
@@ -53,11 +53,12 @@ def evaluate_checkpoint(
     ``cache`` holds the tokenized held-out corpus."""
     cfg, out = loaded.cfg, {}
     if plan.ppl_blocks:
-        blocks = heldout_corpus(cfg, cache, tokenizer, plan.ppl_blocks)
-        # megatron builds whole epochs of the test share: score the first ppl_blocks
+        blocks = heldout_corpus(cfg, cache, tokenizer)  # one pass, shuffled
         count = min(len(blocks), plan.ppl_blocks)
         result = perplexity(loaded.model, [blocks[i] for i in range(count)])
-        out.update({"heldout_nll": result.nll, "heldout_ppl": result.ppl})
+        out.update(
+            {"heldout_nll": result.nll, "heldout_ppl": result.ppl, "heldout_tokens": result.tokens}
+        )
         log.info("held-out perplexity %.2f over %d tokens", result.ppl, result.tokens)
     for split in plan.scan_splits:
         part = plan.scan_part

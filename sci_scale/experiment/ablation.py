@@ -188,11 +188,25 @@ class Ablation:
             tokenizer = checkpoint_tokenizer(loaded.cfg, loaded.state)
             return evaluate_checkpoint(loaded, tokenizer, plan, self.out / "data")
 
-    def run_one(self, variant: Variant, seed: int) -> dict[str, Any]:
+    def _write(self, path: Path, record: dict[str, Any]) -> None:
+        self.results.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)  # a result file is whole or absent
+
+    def run_one(self, variant: Variant, seed: int, reevaluate: bool = False) -> dict[str, Any]:
         path = self.result_path(variant.key, seed)
         if path.exists():
-            log.info("%s seed %d: done before, figures in %s", variant.key, seed, path)
-            return json.loads(path.read_text())
+            record = json.loads(path.read_text())
+            if not reevaluate:
+                log.info("%s seed %d: done before, figures in %s", variant.key, seed, path)
+                return record
+            log.info("%s seed %d: evaluating its final checkpoint again", variant.key, seed)
+            t0 = time.perf_counter()
+            record["figures"] = self.evaluate(Path(record["checkpoint"]))
+            record["eval_s"] = time.perf_counter() - t0
+            self._write(path, record)
+            return record
         t0 = time.perf_counter()
         extra = []
         if variant.sci_only_first:
@@ -215,13 +229,10 @@ class Ablation:
             "eval_s": time.perf_counter() - t1,
             "figures": figures,
         }
-        self.results.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)  # a result file is whole or absent
+        self._write(path, record)
         return record
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self, reevaluate: bool = False) -> list[dict[str, Any]]:
         seeds = self.cfg.experiment.seeds
         total = len(seeds) * len(self.variants)
         records = []
@@ -229,19 +240,21 @@ class Ablation:
             ((s, v) for s in seeds for v in self.variants), start=1
         ):
             log.info("ablation run %d/%d: %s, seed %d", n, total, variant.label, seed)
-            records.append(self.run_one(variant, seed))
+            records.append(self.run_one(variant, seed, reevaluate))
         return records
 
 
-def run_ablation(cfg: Config, out: Path, command: str = "") -> Path:
-    """Train, evaluate and report; returns the path of ``REPORT.md``."""
+def run_ablation(cfg: Config, out: Path, command: str = "", reevaluate: bool = False) -> Path:
+    """Train, evaluate and report; returns the path of ``REPORT.md``. ``reevaluate``: score
+    the final checkpoints of finished runs again (after changing ``experiment`` evaluation
+    settings) instead of reading their figures back; nothing is retrained."""
     from sci_scale.experiment.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     ablation = Ablation(cfg, out)
     (out / "config.json").write_text(json.dumps(config_to_dict(ablation.cfg), indent=2) + "\n")
     t0 = time.perf_counter()
-    records = ablation.run()
+    records = ablation.run(reevaluate)
     return write_report(
         out, ablation.cfg, ablation.variants, records, command, time.perf_counter() - t0
     )

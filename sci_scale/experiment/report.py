@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 from collections.abc import Callable, Sequence
@@ -249,6 +250,12 @@ def write_report(
     plots.append(plot_rate_sweep(out, cfg, variants, groups))
     m, t, e, d = cfg.model, cfg.train, cfg.experiment, cfg.data
     tokens = t.steps * t.global_batch_size * m.seq_length
+    train_min = sum(r["train_s"] for r in records) / 60
+    eval_min = sum(r["eval_s"] for r in records) / 60
+    token_counts = {
+        r["figures"]["heldout_tokens"] for r in records if "heldout_tokens" in r["figures"]
+    }
+    ppl_tokens = ", ".join(f"{n:,}" for n in sorted(token_counts)) or "n/a"
     probe_n = statistics.fmean(r["figures"].get("probe_examples", 0) for r in records)
     lines = [
         "# SCI ablation report",
@@ -265,11 +272,14 @@ def write_report(
         f"`{d.scan_split}` (the train part of every evaluated split).",
         f"- SCI frozen: {e.sci_only_steps} SCI-only steps at {percent(e.sci_only_pair_rate)} "
         "pair blocks first (backbone fixed), then the LM run with the branch frozen.",
-        f"- Evaluation: held-out perplexity on {e.ppl_blocks} blocks of the corpus's test share; "
+        f"- Evaluation: held-out perplexity on {ppl_tokens} tokens of the corpus's test share "
+        f"(up to {e.ppl_blocks} blocks, one pass at most); "
         f"SCAN/COGS greedy exact match on the first {e.eval_limit or 'all'} test examples; "
         f"structural probe on {probe_n:.0f} held-out examples (2 per template).",
-        f"- Wall time of this invocation: {wall_s / 60:.1f} min on {platform.machine()} "
-        f"({len(records)} runs; runs done before are read back, not retrained).",
+        f"- Compute: {len(records)} runs, {train_min:.1f} min training (SCI-only phases "
+        f"included) + {eval_min:.1f} min evaluation, summed over runs, on "
+        f"{platform.machine()} with {os.cpu_count()} CPU(s); this invocation took "
+        f"{wall_s / 60:.1f} min (runs finished before are read back, not retrained).",
         "",
         'Cells: mean ± sd over seeds. "ppl vs vanilla" pairs each run with the vanilla run of '
         "its seed.",
