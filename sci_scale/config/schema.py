@@ -196,7 +196,7 @@ class ExperimentSection:
     eval_limit: int | None = 200  # examples per SCAN split and COGS; None: all
     eval_batch_size: int = 64
     # held-out perplexity on at most this many blocks of data.split's test share (never more
-    # than one pass over it; the default corpus's test share is 26 blocks of 256 tokens)
+    # than one pass over it; the default corpus's test share is 13 blocks of 256 tokens)
     ppl_blocks: int = 64
     probe_templates: int = 128  # held-out templates (2 examples each) of the structural probe
 

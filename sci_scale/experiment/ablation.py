@@ -33,11 +33,16 @@ from typing import Any
 from sci_scale.config.loader import apply_overrides, config_from_dict, config_to_dict
 from sci_scale.config.schema import Config
 from sci_scale.data.pairs import scan_split
+from sci_scale.errors import UserError
 from sci_scale.train.checkpoint_index import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
 RESULTS_DIR = "results"
+
+
+class ExperimentError(UserError, RuntimeError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,8 @@ def cogs_eval_file(cfg: Config) -> Path | None:
 def study_config(cfg: Config, out: Path) -> Config:
     """What every run shares: one data cache (one tokenizer per seed, so the variants of a
     seed are scored on the same tokens), SCAN training pairs from the combined split of the
-    evaluated splits, and only the final checkpoint kept."""
+    evaluated splits, and only the final checkpoint kept. A ``checkpoint.init_from`` (an
+    imported backbone) starts every run, and the SCI-only phase of "SCI frozen"."""
     e = cfg.experiment
     for split in e.scan_splits:
         scan_split(split, "test")  # an unknown split fails now, not after hours of training
@@ -109,7 +115,6 @@ def study_config(cfg: Config, out: Path) -> Config:
         f"checkpoint.interval={cfg.train.steps}",
         "checkpoint.keep_last=1",
         "checkpoint.save_final=true",
-        "checkpoint.init_from=null",
     ]
     if e.scan_splits and "scan" in cfg.data.pair_sources:
         overrides.append(f"data.scan_split={'+'.join(e.scan_splits)}")
@@ -148,13 +153,13 @@ class Ablation:
         result = train(cfg, resume="auto")
         ckpt = latest_checkpoint(Path(cfg.run.dir) / "checkpoints")
         if result.step < cfg.train.steps or ckpt is None:
-            raise RuntimeError(
+            raise ExperimentError(
                 f"{cfg.run.name} stopped at step {result.step} of {cfg.train.steps}"
                 f" ({result.stop_reason or 'no final checkpoint'}); rerun to resume"
             )
         return ckpt
 
-    def _sci_only_phase(self, variant: Variant, seed: int) -> Path:
+    def _sci_only_phase(self, seed: int) -> Path:
         e = self.cfg.experiment
         pre = Variant("sci_only", "SCI-only phase", "sci_only", e.sci_only_pair_rate)
         steps = e.sci_only_steps
@@ -210,7 +215,7 @@ class Ablation:
         t0 = time.perf_counter()
         extra = []
         if variant.sci_only_first:
-            extra.append(f"checkpoint.init_from={self._sci_only_phase(variant, seed)}")
+            extra.append(f"checkpoint.init_from={self._sci_only_phase(seed)}")
         cfg = self.run_config(variant, seed, extra)
         ckpt = self._train(cfg)
         t1 = time.perf_counter()
