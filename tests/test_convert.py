@@ -186,8 +186,9 @@ def test_heldout_perplexity_of_an_imported_backbone_equals_transformers(
     as transformers' original model does."""
     from transformers import AutoModelForCausalLM
 
-    from sci_scale.cli.main import eval_cache_dir, main
+    from sci_scale.cli.main import main
     from sci_scale.data.pipeline import heldout_corpus
+    from sci_scale.eval.suite import eval_cache_dir
 
     ckpt, corpus, out = models["llama"]["ckpt"], corpus_file(tmp_path / "c.jsonl"), tmp_path / "p"
     argv = ["eval", str(ckpt), "--task", "ppl", "--corpus", str(corpus), "--ppl-blocks", "3",

@@ -120,9 +120,9 @@ def test_reevaluation_rescores_without_retraining(study) -> None:
     path = out / "results" / "vanilla-seed1.json"
     before = json.loads(path.read_text())
     metrics = Path(before["metrics"]).read_text()
-    from sci_scale.experiment.ablation import derive_config
+    from sci_scale.config.loader import override_config
 
-    fewer = derive_config(cfg, ["experiment.eval_limit=2", "experiment.scan_splits=[length]"])
+    fewer = override_config(cfg, ["experiment.eval_limit=2", "experiment.scan_splits=[length]"])
     run_ablation(fewer, out, reevaluate=True)
     after = json.loads(path.read_text())
     assert Path(before["metrics"]).read_text() == metrics  # no step was trained

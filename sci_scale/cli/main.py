@@ -147,22 +147,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def eval_cache_dir(cfg, ckpt: Path) -> Path:
-    """Where evaluation caches tokenized held-out text: the run's data cache for a checkpoint
-    of a run (``RUN_DIR/checkpoints/step_N``), else a directory beside the checkpoint."""
-    if cfg.data.cache_dir:
-        return Path(cfg.data.cache_dir)
-    if ckpt.parent.name == "checkpoints":
-        return ckpt.parent.parent / "data"
-    return ckpt.with_name(f"{ckpt.name}.eval-data")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
-    from dataclasses import replace
 
-    from sci_scale.convert.hf import checkpoint_tokenizer, load_whole_model, single_process
-    from sci_scale.eval.suite import EvalPlan, evaluate_checkpoint
+    from sci_scale.eval.suite import EvalPlan, evaluate_checkpoint_dir
 
     tasks = set(args.task)
     if "cogs" in tasks and not args.cogs_path:
@@ -179,15 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         probe_templates=args.probe_templates if "probe" in tasks else 0,
         progress=True,
     )
-    with single_process():
-        loaded = load_whole_model(ckpt)
-        tokenizer = checkpoint_tokenizer(loaded.cfg, loaded.state)
-        if args.corpus:  # score a JSONL file instead of the run's own held-out share
-            data = replace(loaded.cfg.data, corpus="jsonl", corpus_paths=[args.corpus],
-                           split="0,0,1", max_docs=None)  # fmt: skip
-            loaded.cfg = replace(loaded.cfg, data=data)
-        cache = eval_cache_dir(loaded.cfg, ckpt)
-        figures = evaluate_checkpoint(loaded, tokenizer, plan, cache)
+    figures = evaluate_checkpoint_dir(ckpt, plan, corpus=args.corpus)
     for key, value in figures.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     if args.json:

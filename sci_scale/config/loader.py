@@ -182,6 +182,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(data)
 
 
+def override_config(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of ``cfg`` with dotted overrides, validated like a loaded config."""
+    return config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)

@@ -31,10 +31,6 @@ class EvalResult:
     def accuracy(self) -> float:
         return self.correct / self.examples if self.examples else 0.0
 
-    def to_dict(self) -> dict[str, float | int | str]:
-        return {"task": self.task, "examples": self.examples, "correct": self.correct,
-                "accuracy": self.accuracy}  # fmt: skip
-
 
 def prompt(source: str) -> str:
     return f"IN: {source} OUT:"

@@ -26,9 +26,6 @@ class PerplexityResult:
     def ppl(self) -> float:
         return math.exp(min(self.nll, 50.0))
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {"nll": self.nll, "ppl": self.ppl, "tokens": self.tokens, "blocks": self.blocks}
-
 
 def perplexity(
     model: torch.nn.Module, blocks: Sequence[dict[str, Any]], batch_size: int = 8

@@ -82,3 +82,33 @@ def evaluate_checkpoint(
         out.update(probe_metrics(probe_embeddings(loaded.model, examples, plan.batch_size)))
         out["probe_examples"] = len(examples)
     return out
+
+
+def eval_cache_dir(cfg: Any, ckpt: Path) -> Path:
+    """Where evaluation caches tokenized held-out text: ``data.cache_dir``, else the run's
+    data cache for a checkpoint of a run (``RUN_DIR/checkpoints/step_N``), else a directory
+    beside the checkpoint (an imported backbone)."""
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir)
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent / "data"
+    return ckpt.with_name(f"{ckpt.name}.eval-data")
+
+
+def evaluate_checkpoint_dir(
+    ckpt: Path, plan: EvalPlan, corpus: str | None = None
+) -> dict[str, float]:
+    """Load a checkpoint in one process and evaluate it; ``corpus``: a JSONL file whose whole
+    text is the perplexity slice instead of the run's own test share."""
+    from dataclasses import replace
+
+    from sci_scale.convert.hf import checkpoint_tokenizer, load_whole_model, single_process
+
+    with single_process():
+        loaded = load_whole_model(ckpt)
+        tokenizer = checkpoint_tokenizer(loaded.cfg, loaded.state)
+        if corpus:
+            data = replace(loaded.cfg.data, corpus="jsonl", corpus_paths=[corpus],
+                           split="0,0,1", max_docs=None)  # fmt: skip
+            loaded.cfg = replace(loaded.cfg, data=data)
+        return evaluate_checkpoint(loaded, tokenizer, plan, eval_cache_dir(loaded.cfg, ckpt))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sci_scale.config.loader import apply_overrides, config_from_dict, config_to_dict
+from sci_scale.config.loader import config_to_dict, override_config
 from sci_scale.config.schema import Config
 from sci_scale.data.pairs import scan_split
 from sci_scale.errors import UserError
@@ -84,11 +84,6 @@ def ablation_variants(cfg: Config) -> list[Variant]:
     return out
 
 
-def derive_config(base: Config, overrides: list[str]) -> Config:
-    """``base`` with dotted overrides, validated like any config."""
-    return config_from_dict(apply_overrides(config_to_dict(base), overrides))
-
-
 def cogs_eval_file(cfg: Config) -> Path | None:
     """The COGS file scored: the in-distribution ``test.tsv`` beside ``data.cogs_path``'s
     training file, else its ``dev.tsv``; None without COGS in the pair sources."""
@@ -118,7 +113,7 @@ def study_config(cfg: Config, out: Path) -> Config:
     ]
     if e.scan_splits and "scan" in cfg.data.pair_sources:
         overrides.append(f"data.scan_split={'+'.join(e.scan_splits)}")
-    return derive_config(cfg, overrides)
+    return override_config(cfg, overrides)
 
 
 class Ablation:
@@ -135,7 +130,7 @@ class Ablation:
         return self.results / f"{key}-seed{seed}.json"
 
     def run_config(self, variant: Variant, seed: int, extra: list[str] | None = None) -> Config:
-        return derive_config(
+        return override_config(
             self.cfg,
             [
                 f"run.dir={self.run_dir(variant.key, seed)}",
@@ -176,8 +171,7 @@ class Ablation:
         return self._train(cfg)
 
     def evaluate(self, ckpt: Path) -> dict[str, float]:
-        from sci_scale.convert.hf import checkpoint_tokenizer, load_whole_model, single_process
-        from sci_scale.eval.suite import EvalPlan, evaluate_checkpoint
+        from sci_scale.eval.suite import EvalPlan, evaluate_checkpoint_dir
 
         e = self.cfg.experiment
         plan = EvalPlan(
@@ -188,10 +182,7 @@ class Ablation:
             batch_size=e.eval_batch_size,
             probe_templates=e.probe_templates,
         )
-        with single_process():
-            loaded = load_whole_model(ckpt)
-            tokenizer = checkpoint_tokenizer(loaded.cfg, loaded.state)
-            return evaluate_checkpoint(loaded, tokenizer, plan, self.out / "data")
+        return evaluate_checkpoint_dir(ckpt, plan)  # the runs' data.cache_dir holds the corpus
 
     def _write(self, path: Path, record: dict[str, Any]) -> None:
         self.results.mkdir(parents=True, exist_ok=True)
