@@ -22,14 +22,18 @@ def free_port() -> int:
 
 
 def torchrun(
-    nproc: int, overrides: list[str], *extra: str, timeout_s: float = TIMEOUT_S
+    nproc: int,
+    overrides: list[str],
+    *extra: str,
+    timeout_s: float = TIMEOUT_S,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """``torchrun -m sci_scale train`` with a hard timeout that kills the whole process group."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}", "-m", "sci_scale", "train", *overrides, *extra,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,

@@ -1,9 +1,12 @@
 """Parallel layouts reproduce the single-process run: TP, PP, DP under ZeRO 1/2/3, combinations.
 
-Every layout starts from the same initial weights (a step-0 checkpoint of the single-process
-reference, resharded by megatron's distributed checkpointing) and reads the same global batches,
-so its per-step LM loss and SCL must equal the reference's. Multi-process runs go through
-torchrun on CPU with gloo, each in its own process group with a timeout, killed on expiry.
+Every layout starts from the same seed and no checkpoint: initial weights are drawn from each
+weight's global identity (``sci_scale.model.init``), so every layout starts from the same
+weights, reads the same global batches, and its per-step LM loss and SCL must equal the
+reference's. Multi-process runs go through torchrun on CPU with gloo, each in its own process
+group with a timeout, killed on expiry, and under the collective checker
+(``SCI_SCALE_CHECK_COLLECTIVES=1``): a tensor made without an explicit device that reaches a
+collective (the NCCL failure of a GPU run) fails the run.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from conftest import small_overrides
 from launchers import failure_summary, torchrun
 
 from sci_scale.config import ConfigError, load_config
+from sci_scale.runtime.collective_check import ENV_VAR as COLLECTIVE_CHECK
 from sci_scale.train.metrics import read_metrics
 from sci_scale.train.trainer import train
 
 RTOL = 1e-5
 STEPS = 5
+CHECKED = {COLLECTIVE_CHECK: "1"}
 
 # The reference: 4 layers (so that PP=2 keeps sci.fuse_layer=1 on the first stage), micro-batch 4,
 # two micro-batches per step, a quarter of the blocks pair blocks, clipping active. The learning
@@ -44,26 +49,19 @@ PARALLEL = [
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The single-process run; its step-0 checkpoint is everyone's initial weights."""
+    """The single-process run: the trajectory every layout must reproduce from the seed."""
     root = tmp_path_factory.mktemp("parallel")
     cache = root / "cache"
     run_dir = root / "reference"
-    base = [*small_overrides(run_dir, cache), *PARALLEL]
-    train(load_config(None, [*base, "checkpoint.save_initial=true"]))
+    train(load_config(None, [*small_overrides(run_dir, cache), *PARALLEL]))
     records = read_metrics(run_dir)
     assert any(r["scl_loss"] is not None for r in records)  # pair blocks are present
-    init = run_dir / "checkpoints" / "step_0000000"
-    return {"root": root, "cache": cache, "records": records, "init": init}
+    return {"root": root, "cache": cache, "records": records}
 
 
 def layout_overrides(reference: dict, name: str, *layout: str) -> list[str]:
     run_dir = reference["root"] / name
-    return [
-        *small_overrides(run_dir, reference["cache"]),
-        *PARALLEL,
-        f"checkpoint.init_from={reference['init']}",
-        *layout,
-    ]
+    return [*small_overrides(run_dir, reference["cache"]), *PARALLEL, *layout]
 
 
 def assert_same_trajectory(records: list[dict], expected: list[dict], steps=None) -> None:
@@ -101,7 +99,7 @@ LAYOUTS = {
 def test_layout_matches_single_process(reference: dict, name: str) -> None:
     nproc, layout = LAYOUTS[name]
     overrides = layout_overrides(reference, name, *layout)
-    proc = torchrun(nproc, overrides)
+    proc = torchrun(nproc, overrides, env=CHECKED)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "layout: TP" in proc.stdout
     records = read_metrics(reference["root"] / name)
@@ -171,18 +169,16 @@ def test_interleaved_pipeline_matches_single_process(reference: dict, tmp_path: 
     the fusion sits before the first layer (sci.fuse_layer=0) in both runs."""
     single_dir = reference["root"] / "single_fuse0"
     base = [*small_overrides(single_dir, reference["cache"]), *PARALLEL, "sci.fuse_layer=0"]
-    train(load_config(None, [*base, "checkpoint.save_initial=true"]))
+    train(load_config(None, base))
     expected = read_metrics(single_dir)
-    init = single_dir / "checkpoints" / "step_0000000"
     overrides = [
         *small_overrides(reference["root"] / "pp2_vp2", reference["cache"]),
         *PARALLEL,
         "sci.fuse_layer=0",
-        f"checkpoint.init_from={init}",
         "parallel.pipeline=2",
         "parallel.virtual_pipeline=2",
     ]
-    proc = torchrun(2, overrides)
+    proc = torchrun(2, overrides, env=CHECKED)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "interleaved, 2 chunks per stage" in proc.stdout
     assert_same_trajectory(read_metrics(reference["root"] / "pp2_vp2"), expected)

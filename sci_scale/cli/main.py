@@ -92,6 +92,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         container_mounts=args.container_mounts,
         launcher=args.launcher,
         extra_sbatch=list(args.sbatch),
+        gpu_memory=args.gpu_memory,
         **({"template": Path(args.template)} if args.template else {}),
     )
     result = submit(cfg, opts, dry_run=args.dry_run)
@@ -101,6 +102,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"submitted job {result.job_id}")
     print(f"run directory {result.run_dir}")
     print(f"script {result.script_path}; follow with: sci-scale status {result.run_dir}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from sci_scale.launch.memory_plan import format_plan, plan_memory, require_fit
+
+    cfg = _config_from_args(args)
+    world = args.nodes * args.gpus_per_node
+    plan = plan_memory(cfg, world, args.gpu_memory)
+    print(
+        f"memory plan of {args.config or DEFAULT_CONFIG.name} on {args.nodes} node(s) x "
+        f"{args.gpus_per_node} GPU(s) of {args.gpu_memory / 1e9:g} GB"
+    )
+    print(format_plan(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    require_fit(plan)
     return 0
 
 
@@ -199,6 +219,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         Path(args.json).write_text(json.dumps(summary(results), indent=2) + "\n")
         print(f"figures written to {args.json}")
+    if args.markdown:
+        from sci_scale.train.bench import markdown_table, summary
+
+        Path(args.markdown).write_text(markdown_table(summary(results)))
+        print(f"markdown table written to {args.markdown}")
     return 0
 
 
@@ -283,6 +308,23 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_memory_argument(parser: argparse.ArgumentParser) -> None:
+    def gpu_memory(text: str) -> int:
+        from sci_scale.launch.memory_plan import parse_memory
+
+        try:
+            return parse_memory(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parser.add_argument(
+        "--gpu-memory",
+        type=gpu_memory,
+        default="80GB",
+        help="memory of one GPU: 80GB, 80GiB, 141GB, or a number of GB (default 80GB)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sci_scale import __version__
     from sci_scale.data.pairs import SCAN_SPLITS
@@ -345,7 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--sbatch", action="append", default=[], help="an extra #SBATCH directive (repeatable)"
     )
     sbm.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    _gpu_memory_argument(sbm)
     sbm.set_defaults(func=cmd_submit)
+
+    plan = sub.add_parser(
+        "plan", help="per-GPU memory of a config's layout; refuses one that does not fit"
+    )
+    plan.add_argument("config", nargs="?", help="YAML config (default: configs/tiny.yaml)")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=4")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    _gpu_memory_argument(plan)
+    plan.add_argument("--json", help="write the plan to this JSON file")
+    plan.set_defaults(func=cmd_plan)
 
     conv = sub.add_parser("convert", help="Hugging Face <-> sci-scale checkpoints")
     conv_sub = conv.add_subparsers(dest="convert_command", required=True)
@@ -452,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time a plain transformers Llama step of the same shape (default: yes)",
     )
     bench.add_argument("--json", help="write every figure to this JSON file")
+    bench.add_argument("--markdown", help="write the figures as a markdown table to this file")
     bench.set_defaults(func=cmd_bench)
 
     pairs = sub.add_parser("pairs", help="structural pair data")

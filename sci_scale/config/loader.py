@@ -400,3 +400,46 @@ def validate(cfg: Config) -> None:
             f"[{s.tau_min}, {s.tau_max}]",
         )
         _require(s.alpha >= 0, f"sci.alpha must be >= 0, got {s.alpha}")
+    validate_implementation(cfg)
+
+
+def validate_implementation(cfg: Config) -> None:
+    """Implementation choices that cannot work together, whatever the machine (what the
+    machine offers is checked when the run starts: ``runtime.device``, ``model.specs``)."""
+    m, p, device = cfg.model, cfg.parallel, cfg.runtime.device
+    _require(
+        not p.sequence_parallel or p.tensor > 1,
+        "parallel.sequence_parallel=true needs parallel.tensor > 1: sequence parallelism "
+        "shards activations over the tensor-parallel group, which has 1 rank",
+    )
+    _require(
+        not p.sequence_parallel or m.transformer_impl != "local",
+        "parallel.sequence_parallel=true with model.transformer_impl=local: megatron's local "
+        "RMSNorm does not support sequence parallelism; use model.transformer_impl="
+        "transformer_engine (or auto on a GPU with Transformer Engine)",
+    )
+    _require(
+        m.fp8 is None or m.transformer_impl != "local",
+        f"model.fp8={m.fp8} with model.transformer_impl=local: FP8 matmuls come from "
+        "Transformer Engine; use model.transformer_impl=transformer_engine or auto",
+    )
+    _require(
+        m.attention_backend != "local" or m.transformer_impl != "transformer_engine",
+        "model.attention_backend=local is megatron's own core attention of the local spec; "
+        "with model.transformer_impl=transformer_engine choose flash, fused, unfused or auto",
+    )
+    if device == "cpu":
+        _require(
+            m.attention_backend not in ("flash", "fused"),
+            f"model.attention_backend={m.attention_backend} with runtime.device=cpu: flash and "
+            "fused attention are GPU kernels; use auto, unfused or local",
+        )
+        _require(
+            m.transformer_impl != "transformer_engine",
+            "model.transformer_impl=transformer_engine with runtime.device=cpu: Transformer "
+            "Engine runs on GPUs only; use auto or local",
+        )
+        _require(
+            m.fp8 is None,
+            f"model.fp8={m.fp8} with runtime.device=cpu: FP8 needs a GPU with Transformer Engine",
+        )

@@ -13,6 +13,20 @@ from typing import Literal
 SciMode = Literal["joint", "frozen", "sci_only", "off"]
 Pooling = Literal["mean", "last", "attention"]
 Dtype = Literal["fp32", "bf16"]
+ComputeDtype = Literal["auto", "fp32", "bf16"]
+Device = Literal["auto", "cuda", "cpu"]
+TransformerImpl = Literal["auto", "local", "transformer_engine"]
+# megatron-core's AttnBackend names (megatron.core.transformer.enums.AttnBackend)
+AttentionBackend = Literal["auto", "flash", "fused", "unfused", "local"]
+
+
+@dataclass
+class RuntimeSection:
+    """Where the run executes (see docs/parallel.md, "How the GPU path is chosen")."""
+
+    # auto: CUDA when torch sees a GPU, else the CPU. "cuda" without a usable GPU (or with
+    # fewer GPUs than local ranks) is an error, never a silent CPU run.
+    device: Device = "auto"
 
 
 @dataclass
@@ -43,7 +57,16 @@ class ModelSection:
     # (often larger than the tokenizer's, e.g. Qwen2), which the tokenizer must fit into.
     vocab_size: int | None = None
     make_vocab_size_divisible_by: int = 64
+    # Storage dtype of the weights. fp32 weights are the master copy of mixed precision;
+    # bf16 weights need ZeRO >= 1 for training (DeepSpeed keeps the fp32 master copy).
     params_dtype: Dtype = "fp32"
+    # Matmul/activation dtype (torch.autocast over the weights); auto: bf16 on CUDA, fp32 on CPU.
+    compute_dtype: ComputeDtype = "auto"
+    # auto: Transformer Engine when it imports on a GPU, else megatron's local spec (SDPA).
+    transformer_impl: TransformerImpl = "auto"
+    # Core attention kernel: flash / fused (cuDNN) / unfused / local (megatron's own softmax
+    # attention) / auto (the fastest the implementation and inputs allow).
+    attention_backend: AttentionBackend = "auto"
     head_dim: int | None = None  # None: hidden_size / num_attention_heads
     qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
     # Llama-3 RoPE frequency scaling ("rope_type": "llama3"); None: plain RoPE.
@@ -141,6 +164,9 @@ class ParallelSection:
     pipeline: int = 1
     virtual_pipeline: int = 1  # model chunks per pipeline rank; > 1: interleaved 1F1B
     zero_stage: int = 0
+    # Megatron sequence parallelism: norms and dropout sharded over the sequence within a
+    # tensor-parallel group (needs parallel.tensor > 1 and Transformer Engine).
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -206,6 +232,7 @@ class Config:
     """The whole run configuration."""
 
     run: RunSection = field(default_factory=RunSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
     model: ModelSection = field(default_factory=ModelSection)
     sci: SciSection = field(default_factory=SciSection)
     data: DataSection = field(default_factory=DataSection)

@@ -42,6 +42,7 @@ from sci_scale.data.pairs import (
 from sci_scale.data.pairs.scan import ACTIONS as SCAN_ACTIONS
 from sci_scale.data.pairs.scan import TURNS as SCAN_TURNS
 from sci_scale.data.tokenizer import SentencePieceTokenizer, load_tokenizer, train_sentencepiece
+from sci_scale.runtime import collectives
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,7 @@ def _is_main() -> bool:
 
 
 def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    collectives.barrier()
 
 
 def _digest(*parts: object) -> str:

@@ -4,7 +4,8 @@ The script comes from a Jinja template (``slurm/train.sbatch`` unless ``--templa
 site's own) filled from the submit options and the run configuration. Before anything is
 queued the configuration is frozen into ``RUN_DIR/config.yaml`` (so a requeued job trains what
 was submitted, whatever happens to the source YAML) and its parallel layout is checked against
-nodes x tasks per node, with the same check and message the trainer uses at start-up.
+nodes x tasks per node, with the same check and message the trainer uses at start-up, and
+against the GPUs' memory with the planner of ``sci-scale plan`` (``launch.memory_plan``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import yaml
 from sci_scale.config import Config, ConfigError, config_to_dict
 from sci_scale.config.layout import data_parallel_size
 from sci_scale.errors import UserError
+from sci_scale.launch.memory_plan import DEFAULT_GPU_MEMORY, plan_memory, require_fit
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class SubmitOptions:
     launcher: str | None = None  # the sci-scale command on the nodes; default: this Python
     extra_sbatch: list[str] = field(default_factory=list)
     template: Path = TRAIN_TEMPLATE
+    gpu_memory: int = DEFAULT_GPU_MEMORY  # bytes per GPU, for the memory plan
 
     @property
     def ranks_per_node(self) -> int:
@@ -154,9 +157,17 @@ class Submission:
     script: str
 
 
+def check_memory(cfg: Config, opts: SubmitOptions) -> None:
+    """Refuse a layout whose planned memory exceeds the GPUs' (CPU nodes are not planned)."""
+    if opts.gpus_per_node > 0:
+        require_fit(plan_memory(cfg, opts.world_size, opts.gpu_memory))
+
+
 def submit(cfg: Config, opts: SubmitOptions, dry_run: bool = False) -> Submission:
-    """Check the layout, freeze the config, render the script, and (unless dry) sbatch it."""
+    """Check the layout and its memory, freeze the config, render the script, and (unless dry)
+    sbatch it."""
     check_layout(cfg, opts)
+    check_memory(cfg, opts)
     run_dir = Path(cfg.run.dir).resolve()
     slurm_dir = run_dir / SLURM_DIR
     config_path = run_dir / "config.yaml"

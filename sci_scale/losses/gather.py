@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sci_scale.runtime import collectives
+
 
 @dataclass
 class GatheredExamples:
@@ -47,8 +49,7 @@ class AllGatherWithGrad(torch.autograd.Function):
 def max_example_count(count: int, group: dist.ProcessGroup) -> int:
     """The largest per-rank example count of the group. Zero means no rank has pair examples;
     otherwise every rank must take part in the gather (and its backward), even with none."""
-    largest = torch.tensor([count], dtype=torch.int64)
-    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    (largest,) = collectives.all_reduce_values([count], group, op=collectives.ReduceOp.MAX)
     return int(largest)
 
 

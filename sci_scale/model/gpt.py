@@ -18,9 +18,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
@@ -30,8 +31,16 @@ from sci_scale.config.schema import Config
 from sci_scale.losses.aux import attach_aux_loss
 from sci_scale.losses.gather import gather_examples, max_example_count
 from sci_scale.losses.scl import SCLOutput, Temperature, supervised_contrastive_loss
+from sci_scale.model.init import check_constant_vectors, initialize_layout_independent
 from sci_scale.model.sci_branch import SCIBranch
-from sci_scale.model.specs import kernel_fusion_flags, select_layer_spec
+from sci_scale.model.specs import (
+    TE,
+    Implementation,
+    kernel_fusion_flags,
+    layer_spec,
+    resolve_implementation,
+)
+from sci_scale.runtime.device import autocast_dtype, current_device
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +72,11 @@ def model_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
     return rows
 
 
-def backbone_transformer_config(cfg: Config) -> TransformerConfig:
+def backbone_transformer_config(
+    cfg: Config, impl: Implementation | None = None
+) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
+    impl = impl or resolve_implementation(cfg, current_device())
     dtype = torch.bfloat16 if m.params_dtype == "bf16" else torch.float32
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -85,12 +97,16 @@ def backbone_transformer_config(cfg: Config) -> TransformerConfig:
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline if p.virtual_pipeline > 1 else None,
-        # Identical weights on every TP layout (and CPU-friendly): draw the full matrix, then shard.
-        use_cpu_initialization=True,
+        # Weights are allocated where they compute; their values are drawn layout-independently
+        # afterwards (model.init). The CPU path keeps megatron's CPU initialization, which its
+        # CPU compatibility layer is proven with.
+        use_cpu_initialization=impl.device.type == "cpu",
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=m.params_dtype == "bf16",
-        **kernel_fusion_flags(),
+        sequence_parallel=p.sequence_parallel,
+        attention_backend=impl.megatron_attention_backend(),
+        **kernel_fusion_flags(impl),
         cross_entropy_loss_fusion=False,
         batch_p2p_sync=False,
         **recompute_settings(m.recompute),
@@ -162,18 +178,50 @@ class SCIGPTModel(MegatronModule):
         use_te: bool | None = None,
         vp_stage: int | None = None,
     ) -> None:
-        config = backbone_transformer_config(cfg)
+        device = current_device()
+        if use_te is None:
+            impl = resolve_implementation(cfg, device)
+        else:  # an explicit choice (tests, tools)
+            impl = Implementation(TE if use_te else "local", cfg.model.attention_backend, device)
+        config = backbone_transformer_config(cfg, impl)
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.cfg = cfg
+        self.impl = impl
+        self.device = device
         self.vocab_size = vocab_size
         self.pre_process, self.post_process = pre_process, post_process
-        spec, self.spec_name = select_layer_spec(use_te=use_te)
-        if cfg.model.fp8 is not None and self.spec_name != "transformer-engine":
-            raise ConfigError(
-                f"model.fp8={cfg.model.fp8} needs Transformer Engine on a GPU; this machine "
-                f"builds the {self.spec_name} spec, which has no FP8 kernels"
-            )
+        self.spec_name = impl.describe()
+        self.autocast_dtype = autocast_dtype(cfg.model.compute_dtype, device)
+        # Everything is allocated on the run's device: megatron's modules by its own device
+        # argument, the branch's plain torch modules through the device context.
+        with device:
+            self._build(cfg, config, impl, vocab_size, pre_process, post_process, vp_stage)
+        self.scl_scale = 0.0  # alpha / num_microbatches, set by the trainer every step
+        self.records: list[SCIStepRecord] = []
+        # None, or a list that forward passes append (z, template ids) to (see Trainer.evaluate)
+        self.collected: list[tuple[Tensor, Tensor]] | None = None
+        self._pending: tuple[Tensor | None, SCLOutput | None] | None = None
+        check_constant_vectors(self)
+        initialize_layout_independent(
+            self,
+            seed=cfg.train.seed,
+            std=cfg.model.init_method_std,
+            layers={"sci.": cfg.sci.num_layers, "": cfg.model.num_layers},
+        )
+        self.apply_mode()
+
+    def _build(
+        self,
+        cfg: Config,
+        config: TransformerConfig,
+        impl: Implementation,
+        vocab_size: int,
+        pre_process: bool,
+        post_process: bool,
+        vp_stage: int | None,
+    ) -> None:
+        spec = layer_spec(impl, AttnMaskType.causal)
         self.gpt = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -194,17 +242,11 @@ class SCIGPTModel(MegatronModule):
         s = cfg.sci
         self.sci: SCIBranch | None = None
         if s.mode != "off" and pre_process:
-            self.sci = SCIBranch(s, config, use_te=use_te)
+            self.sci = SCIBranch(s, config, impl)
             self.temperature = Temperature(s.tau, s.learnable_tau, s.tau_min, s.tau_max)
             if s.fuse_layer > 0:
                 layer = self.gpt.decoder.layers[s.fuse_layer]
                 layer.register_forward_pre_hook(self._inject_hook, with_kwargs=True)
-        self.scl_scale = 0.0  # alpha / num_microbatches, set by the trainer every step
-        self.records: list[SCIStepRecord] = []
-        # None, or a list that forward passes append (z, template ids) to (see Trainer.evaluate)
-        self.collected: list[tuple[Tensor, Tensor]] | None = None
-        self._pending: tuple[Tensor | None, SCLOutput | None] | None = None
-        self.apply_mode()
 
     # -- modes ---------------------------------------------------------------------------
     def apply_mode(self) -> None:
@@ -267,7 +309,7 @@ class SCIGPTModel(MegatronModule):
         if not self.cfg.sci.fuse and n_max == 0:
             return None, None  # nothing to fuse and nothing to contrast: skip the branch
         states = self.sci.encode(embeddings, example_ids)
-        fusion = self.sci.fusion(states) if self.cfg.sci.fuse else None
+        fusion = self._sequence_shard(self.sci.fusion(states)) if self.cfg.sci.fuse else None
         if n_max == 0:
             return fusion, None
         assert template_ids is not None
@@ -303,14 +345,41 @@ class SCIGPTModel(MegatronModule):
         example_ids: Tensor | None = None,
         template_ids: Tensor | None = None,
     ) -> Tensor:
-        """Per-token LM loss [b, s] with labels, else logits [b, s, vocab_padded / tp]."""
+        """Per-token LM loss [b, s] with labels, else logits [b, s, vocab_padded / tp].
+
+        Inputs are moved to the model's device (a no-op for the trainer's batches, which are
+        there already); the forward runs under autocast at ``model.compute_dtype``."""
+        input_ids, position_ids, labels, loss_mask, example_ids, template_ids = (
+            None if t is None else t.to(self.device, non_blocking=True)
+            for t in (input_ids, position_ids, labels, loss_mask, example_ids, template_ids)
+        )
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            return self._forward(
+                input_ids, position_ids, labels, loss_mask, example_ids, template_ids
+            )
+
+    def _forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        labels: Tensor | None,
+        loss_mask: Tensor | None,
+        example_ids: Tensor | None,
+        template_ids: Tensor | None,
+    ) -> Tensor:
         decoder_input = None
         if self.pre_process:
             decoder_input = self.gpt.embedding(input_ids=input_ids, position_ids=position_ids)
             if self.sci is not None:
                 if example_ids is None:
                     example_ids = torch.zeros_like(input_ids)
-                self._pending = self._run_sci(decoder_input, example_ids, template_ids)
+                self._pending = self._run_sci(
+                    self._whole_sequence(decoder_input), example_ids, template_ids
+                )
                 if self.cfg.sci.fuse_layer == 0:
                     decoder_input = self._inject(decoder_input)
         try:
@@ -324,6 +393,21 @@ class SCIGPTModel(MegatronModule):
             )
         finally:
             self._pending = None
+
+    def _whole_sequence(self, embeddings: Tensor) -> Tensor:
+        """The branch sees whole examples: with sequence parallelism the embedding output is
+        sharded over the sequence, so it is gathered (its gradient, identical on every
+        tensor rank, is split back rather than summed)."""
+        if not self.config.sequence_parallel:
+            return embeddings
+        return tensor_parallel.gather_from_sequence_parallel_region(
+            embeddings, tensor_parallel_output_grad=False
+        )
+
+    def _sequence_shard(self, fusion: Tensor) -> Tensor:
+        if not self.config.sequence_parallel:
+            return fusion
+        return tensor_parallel.scatter_to_sequence_parallel_region(fusion)
 
     def take_records(self) -> list[SCIStepRecord]:
         records, self.records = self.records, []

@@ -1,12 +1,21 @@
 """The SCI encoder branch: a small causal transformer beside the backbone.
 
-tokens -> shared embedding -> proj_in -> SCI blocks (causal, per-example mask) -> proj_out
+tokens -> shared embedding -> proj_in -> SCI blocks (causal, within each example) -> proj_out
       -> gated add into the backbone's residual stream at layer ``sci.fuse_layer``
                                             \\-> pool per example -> head -> z (L2-normalised)
 
 The blocks are a megatron-core ``TransformerBlock`` with their own config, so the branch is
 tensor-parallel and takes the Transformer Engine spec on GPU like the backbone. The gate starts at
 zero: with it at zero the model's logits equal the backbone's bit for bit.
+
+Attention within each example uses no dense mask: on the local spec the blocks get an
+``ExampleLayout`` in place of a mask, and the core attention unpacks each example (a contiguous
+run of one example id; padding is a run of its own) into its own row, grouped by width, with
+plain causal SDPA per group (see ``model.attention``); on Transformer Engine the examples are
+packed sequences (THD, ``cu_seqlens``) for its varlen kernels. Both keep memory linear in the
+sequence length, where a dense ``[b, 1, s, s]`` mask costs 64 M entries per sample at seq 8192,
+and both let flash/fused kernels run. The branch is still one call of one ``TransformerBlock``,
+so ZeRO-3's per-module parameter gathers stay in step across data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -21,11 +31,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from sci_scale.config.schema import SciSection
-from sci_scale.model.specs import kernel_fusion_flags, select_layer_spec
+from sci_scale.model.attention import ExampleLayout, example_layout
+from sci_scale.model.specs import Implementation, kernel_fusion_flags, layer_spec
 
 
 def example_attention_mask(example_ids: Tensor) -> Tensor:
-    """[b, s] example ids -> [b, 1, s, s] megatron mask (True = masked).
+    """[b, s] example ids -> [b, 1, s, s] megatron mask (True = masked): the dense definition
+    of per-example causal attention, kept as the reference the unpacked path is tested against.
 
     A token attends to earlier tokens of its own example only: causal, and an anchor never sees
     its partner (or the invariance would be trivial). Padding (id -1) attends within padding,
@@ -44,7 +56,7 @@ class SCIBranch(MegatronModule):
         self,
         sci: SciSection,
         backbone_config: TransformerConfig,
-        use_te: bool | None = None,
+        impl: Implementation,
     ) -> None:
         sci_heads = sci.num_attention_heads
         config = TransformerConfig(
@@ -63,14 +75,20 @@ class SCIBranch(MegatronModule):
             tensor_model_parallel_size=backbone_config.tensor_model_parallel_size,
             # The branch lives whole on the first pipeline stage.
             pipeline_model_parallel_size=1,
+            # It attends over unpacked examples, whole: the sequence is never sharded here.
+            sequence_parallel=False,
             use_cpu_initialization=backbone_config.use_cpu_initialization,
             params_dtype=backbone_config.params_dtype,
             bf16=backbone_config.bf16,
-            **kernel_fusion_flags(),
+            attention_backend=backbone_config.attention_backend,
+            fp8=backbone_config.fp8,
+            fp8_recipe=backbone_config.fp8_recipe,
+            **kernel_fusion_flags(impl),
         )
         super().__init__(config=config)
         self.sci = sci
-        spec, _ = select_layer_spec(AttnMaskType.arbitrary, use_te=use_te)
+        self.use_te = impl.use_te
+        spec = layer_spec(impl, AttnMaskType.causal)
         hidden = backbone_config.hidden_size
         dtype = backbone_config.params_dtype
         self.proj_in = torch.nn.Linear(hidden, sci.hidden_size, bias=False, dtype=dtype)
@@ -93,11 +111,37 @@ class SCIBranch(MegatronModule):
                 torch.nn.init.zeros_(module.bias)
 
     def encode(self, embeddings: Tensor, example_ids: Tensor) -> Tensor:
-        """SCI states [s, b, h_sci] from the shared embeddings [s, b, h]."""
+        """SCI states [s, b, h_sci] from the shared embeddings [s, b, h]; a token attends to
+        the earlier tokens of its own example only."""
         x = self.proj_in(embeddings)
-        mask = example_attention_mask(example_ids)
         rotary = self.rotary(x.size(0))
-        return self.encoder(hidden_states=x, attention_mask=mask, rotary_pos_emb=rotary)
+        layout = example_layout(example_ids)
+        if layout is not None and self.use_te:
+            return self._encode_packed(x, rotary, layout)
+        return self.encoder(hidden_states=x, attention_mask=layout, rotary_pos_emb=rotary)
+
+    def _encode_packed(self, x: Tensor, rotary: Tensor, layout: ExampleLayout) -> Tensor:
+        """Transformer Engine's attention takes the examples as packed sequences (THD with
+        ``cu_seqlens``), its own varlen kernels; the block is laid out as one long row."""
+        s, b, h = x.shape
+        starts = torch.cat([g.index[:, 0] for g in layout.groups]).sort().values.to(torch.int32)
+        cu_seqlens = torch.cat([starts, starts.new_tensor([b * s])])
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        packed = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu_seqlens,
+            cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=max_len,
+            max_seqlen_kv=max_len,
+        )
+        rows = x.transpose(0, 1).reshape(b * s, 1, h)
+        out = self.encoder(
+            hidden_states=rows,
+            attention_mask=None,
+            rotary_pos_emb=self.rotary(max_len),
+            packed_seq_params=packed,
+        )
+        return out.reshape(b, s, -1).transpose(0, 1)
 
     def fusion(self, states: Tensor) -> Tensor:
         """What is added to the backbone's residual stream: ``gate * proj_out(s)``."""

@@ -1,9 +1,10 @@
 """Layer specs: which megatron-core modules a transformer layer is composed from.
 
-The same model is built from one of two specs, chosen once at start and logged:
-- Transformer Engine (fused/flash attention, FP8-capable linears) when ``transformer_engine``
-  imports and a GPU is present;
-- megatron's local modules with SDPA core attention everywhere else (CPU, CI, laptops).
+The same model is built from one of two specs, chosen once at start from
+``model.transformer_impl`` and what the machine offers, and logged:
+- Transformer Engine (fused/flash attention, FP8-capable linears, sequence parallelism);
+- megatron's local modules with SDPA core attention (CPU, CI, laptops, GPUs without TE), or
+  megatron's own softmax attention with ``model.attention_backend=local``.
 """
 
 from __future__ import annotations
@@ -11,15 +12,21 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+from dataclasses import dataclass
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from sci_scale.config.loader import ConfigError
+from sci_scale.config.schema import Config
 from sci_scale.model.attention import SDPAttention, sdpa_backend_name
 
 log = logging.getLogger(__name__)
+
+TE = "transformer_engine"
 
 
 def transformer_engine_available() -> bool:
@@ -34,10 +41,79 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def local_layer_spec(attn_mask_type: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
+@dataclass(frozen=True)
+class Implementation:
+    """What the model is built from on this machine: the resolved ``model.transformer_impl``
+    and ``model.attention_backend`` for ``device``."""
+
+    transformer: str  # "local" or "transformer_engine"
+    attention_backend: str  # auto | flash | fused | unfused | local
+    device: torch.device
+
+    @property
+    def use_te(self) -> bool:
+        return self.transformer == TE
+
+    def megatron_attention_backend(self) -> AttnBackend:
+        """What megatron's TransformerConfig is told. It turns the value into Transformer
+        Engine's NVTE_*_ATTN switches; the local spec's SDPA reads ours, so megatron is told
+        ``auto`` there (its environment switches then stay consistent within a process)."""
+        return AttnBackend[self.attention_backend] if self.use_te else AttnBackend.auto
+
+    def describe(self) -> str:
+        if self.use_te:
+            return f"transformer-engine (attention {self.attention_backend})"
+        if self.attention_backend == "local":
+            return "megatron local + megatron softmax attention"
+        return f"megatron local + {sdpa_backend_name(self.device, self.attention_backend)}"
+
+
+def resolve_implementation(cfg: Config, device: torch.device) -> Implementation:
+    """The implementation ``cfg`` asks for on ``device``, or a ConfigError saying why not."""
+    m, p = cfg.model, cfg.parallel
+    te_here = device.type == "cuda" and transformer_engine_available()
+    impl = m.transformer_impl
+    if impl == "auto":
+        impl = TE if te_here else "local"
+    if impl == TE and not te_here:
+        why = "this process runs on the CPU" if device.type != "cuda" else "it does not import"
+        raise ConfigError(
+            f"model.transformer_impl=transformer_engine but Transformer Engine cannot be used "
+            f"({why}); install the [gpu] extra on a GPU node or use model.transformer_impl=local"
+        )
+    if m.fp8 is not None and impl != TE:
+        raise ConfigError(
+            f"model.fp8={m.fp8} needs Transformer Engine on a GPU; this machine builds the "
+            f"megatron local spec, which has no FP8 kernels"
+        )
+    if p.sequence_parallel and impl != TE:
+        raise ConfigError(
+            "parallel.sequence_parallel=true needs Transformer Engine: megatron's local RMSNorm "
+            "does not support sequence parallelism, and this machine builds the local spec"
+        )
+    if m.attention_backend in ("flash", "fused") and device.type != "cuda":
+        raise ConfigError(
+            f"model.attention_backend={m.attention_backend} is a GPU kernel and this process "
+            f"runs on {device}; use auto, unfused or local"
+        )
+    if m.attention_backend == "local" and impl == TE:
+        raise ConfigError(
+            "model.attention_backend=local is megatron's own core attention of the local spec; "
+            "with Transformer Engine choose flash, fused, unfused or auto"
+        )
+    return Implementation(impl, m.attention_backend, device)
+
+
+def local_layer_spec(
+    attn_mask_type: AttnMaskType = AttnMaskType.causal, attention_backend: str = "auto"
+) -> ModuleSpec:
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     attention = spec.submodules.self_attention
-    attention.submodules.core_attention = SDPAttention
+    attention.submodules.core_attention = (
+        DotProductAttention
+        if attention_backend == "local"
+        else ModuleSpec(module=SDPAttention, params={"sdpa_backend": attention_backend})
+    )
     attention.params = {**(attention.params or {}), "attn_mask_type": attn_mask_type}
     return spec
 
@@ -53,26 +129,38 @@ def te_layer_spec(attn_mask_type: AttnMaskType = AttnMaskType.causal) -> ModuleS
     return spec
 
 
+def layer_spec(impl: Implementation, attn_mask_type: AttnMaskType) -> ModuleSpec:
+    if impl.use_te:
+        return te_layer_spec(attn_mask_type)
+    return local_layer_spec(attn_mask_type, impl.attention_backend)
+
+
 def select_layer_spec(
     attn_mask_type: AttnMaskType = AttnMaskType.causal, use_te: bool | None = None
 ) -> tuple[ModuleSpec, str]:
-    """The layer spec for this machine and a human-readable name of the chosen path."""
+    """The layer spec for this machine's defaults and a human-readable name of the path."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if use_te is None:
         use_te = transformer_engine_available()
-    if use_te:
-        return te_layer_spec(attn_mask_type), "transformer-engine"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return local_layer_spec(attn_mask_type), f"megatron local + {sdpa_backend_name(device)}"
+    impl = Implementation(TE if use_te else "local", "auto", device)
+    return layer_spec(impl, attn_mask_type), impl.describe()
 
 
-def kernel_fusion_flags() -> dict[str, bool]:
-    """TransformerConfig switches for megatron's fused kernels, all off: each needs Apex or
-    Transformer Engine kernels that the local spec does not have. Shared by the backbone and the
-    SCI branch so both run the same kernels."""
+def kernel_fusion_flags(impl: Implementation | None = None) -> dict[str, bool]:
+    """TransformerConfig switches for megatron's fused kernels, shared by the backbone and the
+    SCI branch so both run the same kernels.
+
+    On CUDA: the SwiGLU fusion (megatron's own compiled kernel, no extra package) and, with
+    Transformer Engine, TE's fused RoPE. Always off: the masked-softmax and persistent
+    layer-norm kernels (Apex; SDPA and TE replace them) and gradient-accumulation fusion
+    (it accumulates into megatron DDP's ``main_grad``, which sci-scale's DeepSpeed/plain
+    optimizer path does not have). On the CPU everything is off: the kernels are CUDA-only.
+    """
+    on_gpu = impl is not None and impl.device.type == "cuda"
     return {
-        "bias_activation_fusion": False,
+        "bias_activation_fusion": on_gpu,
         "masked_softmax_fusion": False,
         "persist_layer_norm": False,
-        "apply_rope_fusion": False,
+        "apply_rope_fusion": on_gpu and impl is not None and impl.use_te,
         "gradient_accumulation_fusion": False,
     }

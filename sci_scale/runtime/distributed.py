@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,7 +18,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from sci_scale.config.loader import ConfigError
+from sci_scale.runtime.collective_check import install_from_env
 from sci_scale.runtime.cpu_compat import apply_cpu_compat
+from sci_scale.runtime.device import reset_current_device, resolve_device, set_current_device
 from sci_scale.runtime.launch_env import read_dist_env
 
 log = logging.getLogger(__name__)
@@ -30,38 +32,58 @@ class DistEnv:
     world_size: int
     local_rank: int
     backend: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed(tensor: int = 1, pipeline: int = 1, virtual_pipeline: int = 1) -> DistEnv:
-    """Initialise torch.distributed and megatron's tensor/pipeline/data groups."""
-    apply_cpu_compat()
+def init_distributed(
+    tensor: int = 1, pipeline: int = 1, virtual_pipeline: int = 1, device: str = "auto"
+) -> DistEnv:
+    """Choose this process's device, then initialise torch.distributed (NCCL on CUDA, gloo on
+    the CPU) and megatron's tensor/pipeline/data groups.
+
+    On CUDA the device is set from the local rank *before* the process group exists, so NCCL
+    binds each rank to its own GPU. A CPU run applies megatron's CPU compatibility shims, also
+    on a machine that has a GPU (``runtime.device=cpu``)."""
     rank, world, local_rank = read_dist_env()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if tensor * pipeline > world or world % (tensor * pipeline) != 0:
         # Raised on every rank before any process group exists: nothing can hang on it.
         raise ConfigError(
             f"parallel layout does not fit: parallel.tensor ({tensor}) x parallel.pipeline "
             f"({pipeline}) = {tensor * pipeline} must divide the world size ({world})"
         )
+    chosen = resolve_device(device, local_rank)
+    if chosen.type == "cpu":
+        apply_cpu_compat(force=True)
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
+        set_current_device(chosen)
+        install_from_env()
         if world == 1 and "MASTER_ADDR" not in os.environ:
             store = dist.HashStore()
             dist.init_process_group(backend, store=store, rank=0, world_size=1)
         else:
-            dist.init_process_group(backend, rank=rank, world_size=world)
+            dist.init_process_group(
+                backend,
+                rank=rank,
+                world_size=world,
+                device_id=chosen if chosen.type == "cuda" else None,
+            )
+    else:
+        set_current_device(chosen)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor,
             pipeline_model_parallel_size=pipeline,
             virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
         )
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, backend=backend)
+    log.debug("rank %d/%d on %s (%s)", rank, world, chosen, backend)
+    return DistEnv(
+        rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=chosen
+    )
 
 
 def destroy_distributed() -> None:
@@ -69,6 +91,7 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    reset_current_device()
 
 
 def seed_everything(seed: int) -> None:
@@ -77,7 +100,3 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-def data_parallel_size() -> int:
-    return parallel_state.get_data_parallel_world_size()

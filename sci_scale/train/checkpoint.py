@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from sci_scale.runtime import collectives
 from sci_scale.train.checkpoint_index import LATEST, RUN_STATE, CheckpointError, step_dir_name
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,7 @@ def _rank() -> int:
 
 
 def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    collectives.barrier()
 
 
 def capture_rng_state() -> dict[str, Any]:

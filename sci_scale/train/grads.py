@@ -15,6 +15,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from sci_scale.runtime import collectives
+from sci_scale.runtime.device import current_device
+
 SHARED_COPY = "ds_pipe_replicated"  # DeepSpeed's mark for a pipeline-replicated parameter
 
 
@@ -39,7 +42,7 @@ def allreduce_tied_embedding_grads(weight: torch.nn.Parameter | None) -> None:
     """Sum the embedding gradient of the first and the output gradient of the last stage."""
     if weight is None or weight.grad is None or not ps.is_rank_in_embedding_group():
         return
-    dist.all_reduce(weight.grad, group=ps.get_embedding_group())
+    collectives.all_reduce(weight.grad, group=ps.get_embedding_group())
 
 
 def allreduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
@@ -49,7 +52,7 @@ def allreduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
     group = ps.get_data_parallel_group()
     for p in params:
         if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
+            collectives.all_reduce(p.grad, group=group)
             p.grad.div_(dp)
 
 
@@ -63,11 +66,11 @@ def _counted_in_norm(p: torch.nn.Parameter) -> bool:
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     """Global L2 norm over all model-parallel ranks; gradients scaled down when above max."""
     grads = [p.grad for p in params if p.grad is not None and _counted_in_norm(p)]
-    sq = torch.zeros((), dtype=torch.float64)
+    sq = torch.zeros((), dtype=torch.float64, device=current_device())
     for g in grads:
         sq += g.detach().double().pow(2).sum()
     if dist.is_initialized() and ps.get_model_parallel_group() is not None:
-        dist.all_reduce(sq, group=ps.get_model_parallel_group())
+        collectives.all_reduce(sq, group=ps.get_model_parallel_group())
     norm = math.sqrt(float(sq))
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)

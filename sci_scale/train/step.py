@@ -15,6 +15,7 @@ from functools import partial
 from torch import Tensor
 
 from sci_scale.model.gpt import SCIGPTModel
+from sci_scale.runtime.device import current_device
 
 
 @dataclass
@@ -54,7 +55,7 @@ def make_forward_step(counter: BatchCounter):
         counter.pair_blocks += int((batch["template_ids"][:, 0] >= 0).sum())
         counter.tokens += batch["tokens"].numel()
         module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-        device = next(module.parameters()).device
+        device = current_device()
         b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         output = model(
             b["tokens"],

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from sci_scale.config import Config, config_to_dict
+from sci_scale.config import Config, ConfigError, config_to_dict
 from sci_scale.config.layout import data_parallel_size
 from sci_scale.data.loader import MicroBatches
 from sci_scale.data.pipeline import DataBundle, build_data
@@ -30,6 +29,7 @@ from sci_scale.data.tokenizer import tokenizer_identity
 from sci_scale.eval.representation import collapse_warning, representation_metrics
 from sci_scale.losses.scl import alpha_at
 from sci_scale.model.gpt import ModelChunks, SCIGPTModel, llama_ffn_size, model_vocab_size
+from sci_scale.runtime import collectives
 from sci_scale.runtime.distributed import (
     destroy_distributed,
     init_distributed,
@@ -93,18 +93,23 @@ def _sci_summary(records: list) -> dict[str, float]:
     Only first-stage ranks hold records; they alone take part in the reduction.
     """
     # micro-batches, SCL sum, anchors, pos-cos sum and count, neg-cos sum and count
-    stats = torch.zeros(7, dtype=torch.float64)
+    stats = [0.0] * 7
     for r in records:
-        stats[:3] += torch.tensor([1.0, r.scl, r.num_anchors], dtype=torch.float64)
+        stats[0] += 1.0
+        stats[1] += r.scl
+        stats[2] += r.num_anchors
         if math.isfinite(r.pos_cos):
-            stats[3:5] += torch.tensor([r.pos_cos, 1.0], dtype=torch.float64)
+            stats[3] += r.pos_cos
+            stats[4] += 1.0
         if math.isfinite(r.neg_cos):
-            stats[5:7] += torch.tensor([r.neg_cos, 1.0], dtype=torch.float64)
+            stats[5] += r.neg_cos
+            stats[6] += 1.0
     dp = parallel_state.get_data_parallel_world_size()
     if dp > 1 and parallel_state.is_pipeline_first_stage():
-        dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
-        stats[:2] /= dp  # every rank records the same micro-batches; shares average to the SCL
-    n_mb, scl_sum, anchors, pos_sum, pos_n, neg_sum, neg_n = stats.tolist()
+        stats = collectives.all_reduce_values(stats, parallel_state.get_data_parallel_group())
+        # every rank records the same micro-batches; shares average to the SCL
+        stats[0], stats[1] = stats[0] / dp, stats[1] / dp
+    n_mb, scl_sum, anchors, pos_sum, pos_n, neg_sum, neg_n = stats
     if n_mb == 0:
         return {}
     pos = pos_sum / pos_n if pos_n else float("nan")
@@ -162,6 +167,33 @@ def check_same_shape(saved: dict[str, Any], cfg: Config, where: Path) -> None:
         raise CheckpointError(f"checkpoint.init_from={where} holds another model shape ({detail})")
 
 
+def check_master_weights(cfg: Config) -> None:
+    """Training bf16 weights needs an fp32 master copy: DeepSpeed keeps one under ZeRO; the
+    plain optimizer of ZeRO-0 would round every update to bf16."""
+    if cfg.model.params_dtype == "bf16" and cfg.parallel.zero_stage == 0:
+        raise ConfigError(
+            "model.params_dtype=bf16 with parallel.zero_stage=0: AdamW would update the bf16 "
+            "weights themselves, with no fp32 master copy; keep model.params_dtype=fp32 (bf16 "
+            "compute comes from model.compute_dtype, bf16 on GPUs by default) or use "
+            "parallel.zero_stage >= 1"
+        )
+
+
+def runtime_summary(model: SCIGPTModel, cfg: Config) -> str:
+    """One line: device, implementation, attention kernel, precision, sequence parallelism."""
+    device = model.device
+    name = f"{device}"
+    if device.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(device)})"
+    compute = "bf16 autocast" if model.autocast_dtype is not None else "fp32"
+    weights = "bf16" if cfg.model.params_dtype == "bf16" else "fp32"
+    master = "fp32 (DeepSpeed)" if weights == "bf16" else "fp32"
+    return (
+        f"device {name}, {model.spec_name}, compute {compute}, weights {weights}, master "
+        f"weights {master}, sequence parallel {'on' if cfg.parallel.sequence_parallel else 'off'}"
+    )
+
+
 class Trainer:
     """``resume``: False starts fresh, True continues from ``latest`` (an error when there is
     none), "auto" continues when a checkpoint exists and starts fresh otherwise (what a job
@@ -179,8 +211,12 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         # Checked on every rank before any process group exists: nothing can hang on it.
         data_parallel_size(cfg, read_dist_env()[1])
+        check_master_weights(cfg)
         self.env = init_distributed(
-            cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline
+            cfg.parallel.tensor,
+            cfg.parallel.pipeline,
+            cfg.parallel.virtual_pipeline,
+            device=cfg.runtime.device,
         )
         dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -213,6 +249,7 @@ class Trainer:
             n_sci / 1e6,
             cfg.sci.mode,
         )
+        log.info("runtime: %s", runtime_summary(self.sci_model, cfg))
         log.info(
             "layout: %s (%d process%s)",
             layout_summary(
@@ -347,19 +384,25 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------
     def _global_tokens(self, microbatches: list[dict[str, torch.Tensor]]) -> float:
-        tokens = torch.tensor(sum(float(b["loss_mask"].sum()) for b in microbatches))
+        tokens = sum(float(b["loss_mask"].sum()) for b in microbatches)
         if self.dp_size > 1:
-            dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
-        return max(float(tokens), 1.0)
+            (tokens,) = collectives.all_reduce_values(
+                [tokens], parallel_state.get_data_parallel_group()
+            )
+        return max(tokens, 1.0)
 
     def _reduce_lm(self, lm_sums: float, global_tokens: float) -> float:
         """The step's mean LM loss, known on every rank (the last stage computes it)."""
-        value = torch.tensor(lm_sums / global_tokens, dtype=torch.float64)
+        value = lm_sums / global_tokens
         if self.dp_size > 1:
-            dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+            (value,) = collectives.all_reduce_values(
+                [value], parallel_state.get_data_parallel_group()
+            )
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
-        return float(value)
+            (value,) = collectives.all_reduce_values(
+                [value], parallel_state.get_pipeline_model_parallel_group()
+            )
+        return value
 
     def _run_schedule(self, dataset: Any, start: int, num_mb: int, forward_only: bool):
         """Micro-batches ``start..`` of ``dataset`` through megatron's schedule.
@@ -434,9 +477,9 @@ class Trainer:
         elapsed = time.perf_counter() - start
         self.step = step
         self.consumed_samples += t.global_batch_size
-        blocks = torch.tensor([counter.blocks, counter.pair_blocks, counter.tokens])
+        blocks = [counter.blocks, counter.pair_blocks, counter.tokens]
         if self.dp_size > 1:
-            dist.all_reduce(blocks, group=parallel_state.get_data_parallel_group())
+            blocks = collectives.all_reduce_values(blocks, parallel_state.get_data_parallel_group())
         record: dict[str, Any] = {
             "step": step,
             "lm_loss": self._reduce_lm(lm_sums, global_tokens),
@@ -489,8 +532,7 @@ class Trainer:
         if self.dp_size == 1:
             return local
         # every first-stage rank enters the collective, with or without embeddings of its own
-        gathered: list[Any] = [None] * self.dp_size
-        dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())
+        gathered = collectives.all_gather_object(local, parallel_state.get_data_parallel_group())
         return [item for part in gathered for item in part]
 
     def _representation_metrics(self, collected) -> dict[str, float]:
@@ -527,9 +569,9 @@ class Trainer:
         over_time = (
             self.is_main and limit is not None and time.monotonic() - self.started >= limit * 60
         )
-        flags = torch.tensor([self.signal_received is not None, over_time], dtype=torch.int32)
+        flags = [self.signal_received is not None, over_time]
         if self.env.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = collectives.all_reduce_values(flags, op=collectives.ReduceOp.MAX)
         if flags[0]:
             return f"signal {self.signal_received or 'on another rank'}"
         if flags[1]:

@@ -1,0 +1,649 @@
+"""Per-GPU memory of a training layout, planned from the configuration alone.
+
+A layout that cannot fit should be refused at the login node, not discovered as an
+out-of-memory error after an hour in the queue. The planner is arithmetic over the config
+(no torch.distributed, no GPU): the model's weights per rank, their gradients, the optimizer
+state and the activations kept for backward, for the worst pipeline stage. The formulas, their
+assumptions and the CPU measurements that check them are in docs/parallel.md, "Memory planner".
+
+Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models"), adapted to this Llama-style block (RMSNorm, RoPE, SwiGLU, grouped-query
+attention, no biases, no dropout) and to the tensors megatron-core, Transformer Engine and SDPA
+actually keep, which the CPU check measures storage by storage.
+
+Optimizer state under ZeRO is DeepSpeed's: its ZeRO optimizer keeps an fp32 copy of the rank's
+partition of the weights (a clone even when the weights are fp32: DeepSpeed 0.19's
+``single_partition_of_fp32_groups``) and the fp32 Adam moments of that partition, 12 bytes per
+parameter over the data-parallel size; at the step it also builds the partition's fp32 gradient
+(4 bytes per parameter over data parallel), counted with the gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from sci_scale.config.layout import data_parallel_size
+from sci_scale.config.loader import ConfigError
+from sci_scale.config.schema import Config
+from sci_scale.train.flops import _layer_matmul_weights
+
+GB = 10**9
+GIB = 2**30
+DOC = 'docs/parallel.md, "Memory planner"'
+DEFAULT_GPU_MEMORY = 80 * GB
+# DeepSpeed: fp32 master copy + two fp32 Adam moments per parameter of the rank's partition
+ZERO_STATE_BYTES = 12
+# DeepSpeed's default reduce_bucket_size (elements): ZeRO-2/3 reduce gradients through it
+ZERO_BUCKET_ELEMENTS = 500_000_000
+# Template slots per block (sci_scale.data.blocks.MAX_EXAMPLES): the SCI pooling weights
+SCI_EXAMPLE_SLOTS = 64
+Device = Literal["cuda", "cpu"]
+TERMS = ("parameters", "gradients", "optimizer", "activations")
+LABELS = {
+    "parameters": "parameters",
+    "gradients": "gradients",
+    "optimizer": "optimizer state",
+    "activations": "activations",
+}
+
+
+class LayoutDoesNotFit(ConfigError):
+    """The planned memory of a layout exceeds the GPU's."""
+
+
+def parse_memory(text: str) -> int:
+    """Bytes of "80GB" (10^9), "80GiB" (2^30), "141GB" or a plain number (GB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)?\s*", str(text), flags=re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"GPU memory {text!r}: expected e.g. 80GB, 80GiB or 141")
+    value, unit = float(match.group(1)), (match.group(2) or "GB").lower()
+    return int(value * (GIB if unit == "gib" else GB))
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What the kernels keep for backward, which differs between implementations.
+
+    ``transformer_engine``: TE's fused norm+linear keeps the norm's input and output (the local
+    spec's torch RMSNorm also keeps the unweighted normalised input) and its attention takes the
+    grouped keys/values as they are (SDPA on the local spec gets them repeated to every head).
+    ``fused_swiglu``: megatron's SwiGLU kernel (GPU) keeps only its input, the unfused one also
+    its two halves' products. ``fused_rope``: TE's RoPE (GPU) keeps no per-layer cos/sin.
+    ``attention_stores_scores``: the kernel keeps the [b, heads, s, s] probabilities (SDPA's
+    math kernel, megatron's own softmax attention) instead of a log-sum-exp per row (flash,
+    cuDNN, the CPU flash kernel SDPA picks for causal attention).
+    """
+
+    transformer_engine: bool
+    fused_swiglu: bool
+    fused_rope: bool
+    attention_stores_scores: bool
+    compute_bytes: int  # activations: the autocast dtype
+    residual_bytes: int  # the residual stream: the weights' dtype (autocast adds promote)
+
+
+def kernels_for(
+    cfg: Config, device: Device = "cuda", attention_stores_scores: bool | None = None
+) -> Kernels:
+    """The kernels ``cfg`` runs on ``device``: on "cuda", Transformer Engine unless the config
+    says local, and bf16 compute for ``model.compute_dtype=auto``; on "cpu", the local spec."""
+    m = cfg.model
+    gpu = device == "cuda"
+    te = gpu and m.transformer_impl != "local"
+    compute = m.compute_dtype if m.compute_dtype != "auto" else ("bf16" if gpu else "fp32")
+    if attention_stores_scores is None:
+        attention_stores_scores = m.attention_backend in ("unfused", "local")
+    weights = 2 if m.params_dtype == "bf16" else 4
+    return Kernels(
+        transformer_engine=te,
+        fused_swiglu=gpu,
+        fused_rope=te,
+        attention_stores_scores=attention_stores_scores,
+        compute_bytes=2 if compute == "bf16" else 4,
+        residual_bytes=weights,
+    )
+
+
+@dataclass(frozen=True)
+class SciBatch:
+    """The micro-batch the SCI branch is planned for. A pair block's examples are unpacked
+    into rows padded to a power of two (at most twice their tokens: ``padding``), pooled and
+    contrasted; a micro-batch of corpus blocks runs the branch over whole rows."""
+
+    pairs: bool
+    padding: float = 2.0
+
+
+@dataclass(frozen=True)
+class Terms:
+    parameters: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.activations
+
+    def __add__(self, other: Terms) -> Terms:
+        return Terms(*(getattr(self, t) + getattr(other, t) for t in TERMS))
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: int  # pipeline rank
+    terms: Terms  # everything this rank holds, the SCI branch included
+    sci: Terms  # the SCI branch's share (first stage only)
+    in_flight: int  # micro-batches of this rank's first model chunk held for backward
+    holds: str  # what the rank holds besides its layers
+    activations_per_microbatch: int  # saved for backward by one forward of its chunks
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The worst rank's memory and the layout it was planned for (bytes)."""
+
+    tensor: int
+    pipeline: int
+    data: int
+    virtual_pipeline: int
+    zero_stage: int
+    micro_batch_size: int
+    microbatches: int  # per step and data-parallel rank
+    recompute: str
+    sequence_parallel: bool
+    params_dtype: str
+    compute_bytes: int
+    attention_stores_scores: bool
+    transformer_engine: bool
+    full_recompute_allowed: bool  # the config validation refuses it with sci.fuse_layer > 0
+    zero_allowed: bool  # phases and virtual stages run ZeRO-0 only
+    gpu_memory: int
+    worst: StagePlan
+    stages: tuple[StagePlan, ...] = field(repr=False)
+
+    @property
+    def stage(self) -> int:
+        return self.worst.stage
+
+    @property
+    def parameters(self) -> int:
+        return self.worst.terms.parameters
+
+    @property
+    def gradients(self) -> int:
+        return self.worst.terms.gradients
+
+    @property
+    def optimizer(self) -> int:
+        return self.worst.terms.optimizer
+
+    @property
+    def activations(self) -> int:
+        return self.worst.terms.activations
+
+    @property
+    def sci_branch(self) -> int:
+        return self.worst.sci.total
+
+    @property
+    def total(self) -> int:
+        return self.worst.terms.total
+
+    @property
+    def headroom(self) -> int:
+        return self.gpu_memory - self.total
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_memory
+
+    @property
+    def dominant(self) -> str:
+        return max(TERMS, key=lambda t: getattr(self.worst.terms, t))
+
+    @property
+    def layout(self) -> str:
+        vp = f" (virtual {self.virtual_pipeline})" if self.virtual_pipeline > 1 else ""
+        return f"TP{self.tensor} x PP{self.pipeline}{vp} x DP{self.data}"
+
+    def suggestion(self) -> str:
+        """Which knob lowers the dominant term, among those not turned already."""
+        term = self.dominant
+        split = "raise parallel.tensor or parallel.pipeline"
+        if term == "activations":
+            knobs = []
+            if self.recompute == "none" and self.attention_stores_scores:
+                knobs.append("model.recompute=selective")
+            if self.recompute != "full" and self.full_recompute_allowed:
+                knobs.append("model.recompute=full")
+            if self.tensor > 1 and not self.sequence_parallel and self.transformer_engine:
+                knobs.append("parallel.sequence_parallel=true")
+            if self.micro_batch_size > 1:
+                knobs.append("a lower train.micro_batch_size")
+            knobs.append("a higher parallel.tensor")
+            return "set " + ", or ".join(knobs)
+        if term == "optimizer":
+            if self.zero_stage == 0:
+                if not self.zero_allowed:
+                    return split  # phases / virtual stages: ZeRO-0 only
+                if self.data == 1:
+                    return split + ", or add GPUs for data parallelism with parallel.zero_stage=1"
+                return "set parallel.zero_stage=1 (shards it over data parallel), or " + split
+            return "raise the data-parallel size (more nodes), or " + split
+        zero_more = self.zero_allowed and self.pipeline == 1
+        if term == "gradients" and zero_more and self.zero_stage < 2:
+            return "set parallel.zero_stage=2 (shards them over data parallel), or " + split
+        if term == "parameters" and zero_more and self.zero_stage < 3:
+            return split + ", or set parallel.zero_stage=3"
+        return split
+
+    def refusal(self) -> str:
+        """One line: why the layout does not fit and what to turn."""
+        return (
+            f"the layout does not fit a {self.gpu_memory / GB:g} GB GPU: "
+            f"{self.total / GIB:.1f} GiB planned on pipeline stage {self.stage} "
+            f"({self.layout}, ZeRO-{self.zero_stage}, micro-batch {self.micro_batch_size}, "
+            f"recompute {self.recompute}); the largest term is {LABELS[self.dominant]} "
+            f"({getattr(self, self.dominant) / GIB:.1f} GiB): {self.suggestion()} "
+            f"(see sci-scale plan)"
+        )
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("worst")
+        out.update(
+            {
+                "stage": self.stage,
+                **{t: getattr(self, t) for t in TERMS},
+                "sci_branch": self.sci_branch,
+                "total": self.total,
+                "headroom": self.headroom,
+                "fits": self.fits,
+                "dominant": self.dominant,
+                "suggestion": self.suggestion(),
+                "formulas": DOC,
+            }
+        )
+        return out
+
+
+# -- shapes and parameter counts --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One transformer stack's shape: the backbone's or the SCI branch's."""
+
+    hidden: int
+    heads: int
+    groups: int
+    head_dim: int
+    ffn: int
+    qkv_bias: bool = False
+
+    def params(self, tp: int) -> int:
+        """One layer's parameters on a tensor-parallel rank (norms are replicated)."""
+        h, a, g, d = self.hidden, self.heads, self.groups, self.head_dim
+        sharded = _layer_matmul_weights(h, a, g, d, self.ffn)
+        if self.qkv_bias:
+            sharded += (a + 2 * g) * d
+        return math.ceil(sharded / tp) + 2 * h
+
+    @property
+    def tensors(self) -> int:
+        """Parameter tensors per layer: two norms, qkv (+bias), proj, fc1, fc2."""
+        return 6 + int(self.qkv_bias)
+
+
+def _backbone(cfg: Config) -> _Block:
+    from sci_scale.model.gpt import llama_ffn_size
+
+    m = cfg.model
+    return _Block(
+        m.hidden_size,
+        m.num_attention_heads,
+        m.num_query_groups,
+        m.head_dim or m.hidden_size // m.num_attention_heads,
+        m.ffn_hidden_size or llama_ffn_size(m.hidden_size),
+        m.qkv_bias,
+    )
+
+
+def _sci_block(cfg: Config) -> _Block:
+    s = cfg.sci
+    heads = s.num_attention_heads
+    return _Block(
+        s.hidden_size, heads, heads, s.hidden_size // heads, s.ffn_hidden_size or 4 * s.hidden_size
+    )
+
+
+def padded_vocab(cfg: Config) -> int:
+    """The embedding's rows as megatron pads them for ``parallel.tensor``."""
+    from sci_scale.model.gpt import padded_vocab_size
+
+    m = cfg.model
+    rows = m.vocab_size if m.vocab_size is not None else cfg.data.tokenizer_vocab_size
+    return padded_vocab_size(rows, m.make_vocab_size_divisible_by, cfg.parallel.tensor)
+
+
+def _sci_params(cfg: Config, tp: int) -> tuple[int, int, int, int]:
+    """SCI branch: (parameters, trainable parameters, tensors, trainable tensors) per rank.
+
+    The blocks are tensor-parallel; proj_in, proj_out, the gate and the head are plain torch
+    modules, whole on every rank. ``sci.mode=frozen`` fixes all but proj_out and the gate."""
+    s, h = cfg.sci, cfg.model.hidden_size
+    blk = _sci_block(cfg)
+    encoder = s.num_layers * blk.params(tp) + s.hidden_size  # + final norm
+    head = s.hidden_size * s.hidden_size + s.hidden_size + s.hidden_size * s.embed_dim + s.embed_dim
+    extras = (s.hidden_size if s.pooling == "attention" else 0) + int(s.learnable_tau)
+    fusion = s.hidden_size * h + h  # proj_out, gate
+    frozen_part = h * s.hidden_size + encoder + head + extras  # proj_in, blocks, head, ...
+    tensors_frozen = 1 + s.num_layers * blk.tensors + 1 + 4 + (s.pooling == "attention")
+    tensors_frozen += int(s.learnable_tau)
+    params, tensors = frozen_part + fusion, tensors_frozen + 2
+    if s.mode == "frozen":
+        return params, fusion, tensors, 2
+    return params, params, tensors, tensors
+
+
+# -- activations ------------------------------------------------------------------------------
+
+
+def _layer_activations(
+    blk: _Block,
+    tokens: float,
+    width: int,
+    k: Kernels,
+    recompute: str,
+    tp: int,
+    sp: int,
+    residual: int,
+) -> float:
+    """Bytes one layer keeps for backward over ``tokens`` tokens in rows ``width`` long.
+
+    Per token (e: compute dtype, r: residual dtype, a, g, f per tensor-parallel rank):
+    norms and their linears' inputs 2 x (2h e + 4) with TE, 2 x (2h r + h e + 4) local, over
+    the sequence-parallel size; attention (3a + 3g) d e with TE or selective recompute (q, k,
+    the qkv output that v views, the output), local SDPA 4a d e (k and v repeated to every
+    head; 3a + 3g without grouping), plus 4a (log-sum-exp) or a s e (the probabilities) unless
+    selective; SwiGLU 3f e fused (fc1's output, fc2's input), 5f e unfused. RoPE adds
+    4 s d e per layer unless fused. Full recompute keeps the layer's input only, h r / sp.
+    """
+    e = k.compute_bytes
+    h, d = blk.hidden, blk.head_dim
+    if recompute == "full":
+        return tokens * h * residual / sp
+    a, g, f = blk.heads / tp, blk.groups / tp, blk.ffn / tp
+    # TE: the norm's input and output; local: also the unweighted normalised input
+    norms = 2 * (2 * h * e + 4) if k.transformer_engine else 2 * (2 * h * residual + h * e + 4)
+    grouped = blk.groups < blk.heads
+    if k.transformer_engine or recompute == "selective" or not grouped:
+        attention = (3 * a + 3 * g) * d * e
+    else:
+        attention = 4 * a * d * e
+    if recompute != "selective":
+        attention += a * width * e if k.attention_stores_scores else 4 * a
+    mlp = (3 if k.fused_swiglu else 5) * f * e
+    rope = 0 if k.fused_rope or recompute == "full" else 4 * width * d * e
+    return tokens * (norms / sp + attention + mlp) + rope
+
+
+def _sci_activations(
+    cfg: Config, k: Kernels, tokens: int, width: int, tp: int, batch: SciBatch
+) -> float:
+    """The SCI branch over one micro-batch: its blocks (no recompute, no sequence
+    parallelism: it sees whole examples) over the unpacked rows, the final norm, proj_out's
+    input and output, the gathered or cast copy of the embeddings it reads, and, for pair
+    blocks, the unpacking indices and the pooling weights."""
+    s, m = cfg.sci, cfg.model
+    if s.mode == "off" or (not s.fuse and not batch.pairs):
+        return 0.0  # no branch, or nothing to fuse and nothing to contrast
+    e, r = k.compute_bytes, k.residual_bytes
+    blk = _sci_block(cfg)
+    rows = tokens * batch.padding if batch.pairs else tokens
+    out = s.num_layers * _layer_activations(blk, rows, width, k, "none", tp, 1, e)
+    out += rows * ((1 if k.transformer_engine else 2) * blk.hidden * e + 4)  # final norm
+    out += tokens * blk.hidden * e  # proj_out's input
+    out += tokens * m.hidden_size * e  # proj_out's output, kept by the gate's product
+    if cfg.parallel.sequence_parallel or r != e:
+        out += tokens * m.hidden_size * e  # proj_in's input: gathered / cast embeddings
+    elif s.fuse_layer == 0:
+        out += tokens * m.hidden_size * r  # the embeddings, beside layer 0's fused input
+    if batch.pairs:
+        out += 9 * rows + 8 * tokens  # row indices (int64), valid masks, scattered indices
+        out += SCI_EXAMPLE_SLOTS * tokens * e  # pooling weights [b, examples, s]
+    return out
+
+
+def _in_flight(rank: int, pp: int, vp: int, microbatches: int) -> list[int]:
+    """Micro-batches each model chunk of pipeline ``rank`` holds for backward at the peak of
+    megatron's 1F1B schedule: min(pp - rank, m) without virtual stages; with them, the
+    interleaved warm-up's forwards, which visit the chunks in groups of pp micro-batches."""
+    if vp == 1:
+        return [min(pp - rank, microbatches)]
+    total = min((pp - rank - 1) * 2 + (vp - 1) * pp + 1, microbatches * vp)
+    counts = [0] * vp
+    for step in range(total):
+        counts[(step // pp) % vp] += 1
+    return counts
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+def plan_memory(
+    cfg: Config,
+    world_size: int,
+    gpu_memory: int = DEFAULT_GPU_MEMORY,
+    *,
+    device: Device = "cuda",
+    attention_stores_scores: bool | None = None,
+    sci_batch: SciBatch | None = None,
+) -> MemoryPlan:
+    """Every pipeline rank's memory for ``cfg`` on ``world_size`` GPUs; the worst one leads.
+
+    ``device="cpu"`` plans the CPU path (local spec, no fused kernels, fp32 compute for
+    ``compute_dtype=auto``), which is how the planner is checked against measurements.
+    ``attention_stores_scores`` overrides what ``model.attention_backend`` implies.
+    ``sci_batch`` defaults to a micro-batch of pair blocks whenever the config mixes them in.
+    """
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    dp = data_parallel_size(cfg, world_size)
+    k = kernels_for(cfg, device, attention_stores_scores)
+    if sci_batch is None:
+        sci_batch = SciBatch(pairs=cfg.data.pair_rate > 0)
+    tp, pp, vp = p.tensor, p.pipeline, p.virtual_pipeline
+    sp = tp if p.sequence_parallel else 1
+    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    seq, tokens = m.seq_length, m.seq_length * t.micro_batch_size
+    blk = _backbone(cfg)
+    vocab_rows = math.ceil(padded_vocab(cfg) / tp)
+    pbytes = 2 if m.params_dtype == "bf16" else 4
+    e = k.compute_bytes
+    chunks = pp * vp
+    layers_per_chunk = math.ceil(m.num_layers / chunks)
+    sci_on = cfg.sci.mode != "off"
+    lm_trains = cfg.sci.mode != "sci_only"
+
+    stages = []
+    for rank in range(pp):
+        in_flight = _in_flight(rank, pp, vp, microbatches)
+        params = trainable = trainable_tensors = 0
+        sci_params = sci_trainable = sci_tensors = 0
+        saved = per_mb = transient = sci_act = 0.0
+        holds = []
+        for chunk, count in enumerate(in_flight):
+            stage = chunk * pp + rank
+            first, last = stage == 0, stage == chunks - 1
+            n_layers = max(0, min(layers_per_chunk, m.num_layers - stage * layers_per_chunk))
+            b_params = n_layers * blk.params(tp)
+            b_tensors = n_layers * blk.tensors
+            act = _layer_activations(blk, tokens, seq, k, m.recompute, tp, sp, k.residual_bytes)
+            chunk_act = n_layers * act
+            if m.recompute == "full" or k.fused_rope:
+                chunk_act += seq * blk.head_dim * 4  # the rotary frequencies, one tensor
+            if m.recompute == "full" and n_layers:
+                one = _layer_activations(blk, tokens, seq, k, "none", tp, sp, k.residual_bytes)
+                transient = max(transient, one)  # the layer being recomputed in backward
+            if first:
+                holds.append("embedding")
+                b_params += vocab_rows * m.hidden_size
+                b_tensors += 1
+                chunk_act += tokens * 8  # token ids kept by the embedding
+                if sci_on:
+                    holds.append("SCI branch")
+                    sci_params, sci_trainable, _, sci_tensors = _sci_params(cfg, tp)
+                    params += sci_params
+                    trainable += sci_trainable
+                    trainable_tensors += sci_tensors
+                    one_sci = _sci_activations(cfg, k, tokens, seq, tp, sci_batch)
+                    chunk_act += one_sci
+                    sci_act = count * one_sci
+            if last:
+                holds.append("output layer")
+                b_params += m.hidden_size  # final norm
+                b_tensors += 1
+                if not m.tie_embeddings or pp > 1:
+                    b_params += vocab_rows * m.hidden_size
+                    b_tensors += 1
+                norm = (2 * e if k.transformer_engine else 2 * k.residual_bytes + e) * m.hidden_size
+                chunk_act += tokens * (norm + 4) / sp
+                chunk_act += tokens * vocab_rows * 4 + tokens * 9  # fp32 logits, loss mask/target
+                if e != 4:
+                    transient = max(transient, tokens * vocab_rows * e)  # their bf16 copy
+            params += b_params
+            if lm_trains:
+                trainable += b_params
+                trainable_tensors += b_tensors
+            saved += count * chunk_act
+            per_mb += chunk_act
+        terms = _state_terms(
+            params, trainable, trainable_tensors, pbytes, p.zero_stage, dp, blk, vocab_rows
+        )
+        terms = Terms(terms.parameters, terms.gradients, terms.optimizer, int(saved + transient))
+        sci = Terms()
+        if sci_params:
+            sci_state = _state_terms(
+                sci_params, sci_trainable, sci_tensors, pbytes, p.zero_stage, dp
+            )
+            sci = Terms(
+                sci_state.parameters, sci_state.gradients, sci_state.optimizer, int(sci_act)
+            )
+        stages.append(StagePlan(rank, terms, sci, in_flight[0], ", ".join(holds), int(per_mb)))
+    worst = max(stages, key=lambda s: s.terms.total)
+    return MemoryPlan(
+        tensor=tp,
+        pipeline=pp,
+        data=dp,
+        virtual_pipeline=vp,
+        zero_stage=p.zero_stage,
+        micro_batch_size=t.micro_batch_size,
+        microbatches=microbatches,
+        recompute=m.recompute,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=m.params_dtype,
+        compute_bytes=e,
+        attention_stores_scores=k.attention_stores_scores,
+        transformer_engine=k.transformer_engine,
+        full_recompute_allowed=cfg.sci.mode == "off" or cfg.sci.fuse_layer == 0,
+        zero_allowed=vp == 1 and not (cfg.phases.backbone_frozen_until or cfg.phases.partial_until),
+        gpu_memory=gpu_memory,
+        worst=worst,
+        stages=tuple(stages),
+    )
+
+
+def _state_terms(
+    params: int,
+    trainable: int,
+    tensors: int,
+    pbytes: int,
+    zero: int,
+    dp: int,
+    blk: _Block | None = None,
+    vocab_rows: int = 0,
+) -> Terms:
+    """Weights, gradients and optimizer state of ``params`` weights (``trainable`` of them
+    in ``tensors`` tensors) under ZeRO stage ``zero`` over ``dp`` ranks.
+
+    ZeRO-0: torch AdamW, two moments in the weights' dtype and a 4-byte step per tensor.
+    ZeRO >= 1: 12 bytes per trainable parameter over DP, plus DeepSpeed's fp32 gradient
+    partition at the step (4 over DP); ZeRO-2/3 keep the gradients' partition (plus one reduce
+    bucket) instead of the whole gradient; ZeRO-3 keeps the weights' partition and gathers one
+    module at a time (the largest: the embedding's or fc1's rows).
+    """
+    if zero == 0:
+        return Terms(params * pbytes, trainable * pbytes, 2 * trainable * pbytes + 4 * tensors)
+    shard = math.ceil(trainable / dp)
+    optimizer = ZERO_STATE_BYTES * shard
+    if zero == 1:
+        return Terms(params * pbytes, trainable * pbytes + 4 * shard, optimizer)
+    bucket = min(ZERO_BUCKET_ELEMENTS, trainable) * pbytes
+    gradients = shard * pbytes + 4 * shard + bucket
+    if zero == 2:
+        return Terms(params * pbytes, gradients, optimizer)
+    gathered = 0
+    if blk is not None:
+        gathered = max(vocab_rows * blk.hidden, 2 * blk.ffn * blk.hidden) * pbytes
+    return Terms(math.ceil(params / dp) * pbytes + gathered, gradients, optimizer)
+
+
+def require_fit(plan: MemoryPlan) -> MemoryPlan:
+    """``plan``, or LayoutDoesNotFit with its one-line refusal."""
+    if not plan.fits:
+        raise LayoutDoesNotFit(plan.refusal())
+    return plan
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+def _row(label: str, value: int, gpu: int) -> str:
+    return f"  {label:<26}{value / GIB:>9.2f} GiB {value / GB:>9.2f} GB {100 * value / gpu:>7.1f}%"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as a table: one row per term for the worst rank, then the layout."""
+    w, gpu = plan.worst, plan.gpu_memory
+    dtype = {2: "bf16", 4: "fp32"}[plan.compute_bytes]
+    attention = (
+        "stores the [b, heads, s, s] scores"
+        if plan.attention_stores_scores
+        else "keeps O(s) state (flash/fused)"
+    )
+    lines = [
+        f"layout     {plan.layout}, ZeRO-{plan.zero_stage}, micro-batch {plan.micro_batch_size} "
+        f"x {plan.microbatches} per step, recompute {plan.recompute}, sequence parallel "
+        f"{'on' if plan.sequence_parallel else 'off'}",
+        f"precision  weights {plan.params_dtype}, activations {dtype}; "
+        f"{'Transformer Engine' if plan.transformer_engine else 'megatron local'} layers, "
+        f"attention {attention}",
+        f"worst rank pipeline stage {w.stage} of {plan.pipeline} ({w.holds or 'layers only'}; "
+        f"{w.in_flight} micro-batch(es) in flight)",
+        "",
+        f"  {'per GPU':<26}{'GiB':>13}{'GB':>13}{'% GPU':>9}",
+    ]
+    for term in TERMS:
+        lines.append(_row(LABELS[term], getattr(w.terms, term), gpu))
+    lines.append(_row("  of which SCI branch", w.sci.total, gpu))
+    lines += [
+        _row("total", plan.total, gpu),
+        _row("GPU memory", gpu, gpu),
+        _row("headroom", plan.headroom, gpu),
+    ]
+    if plan.pipeline > 1:
+        others = ", ".join(f"stage {s.stage} {s.terms.total / GIB:.1f} GiB" for s in plan.stages)
+        lines.append(f"stages     {others}")
+    lines += [
+        f"largest    {LABELS[plan.dominant]}; to lower it: {plan.suggestion()}",
+        f"formulas   {DOC}",
+    ]
+    if plan.fits and plan.headroom < 0.05 * gpu:
+        lines.append(
+            "note       under 5% headroom for the CUDA context, NCCL buffers and fragmentation"
+        )
+    return "\n".join(lines)
