@@ -55,7 +55,10 @@ def max_difference(branch, example_ids: torch.Tensor, seed: int = 0) -> float:
     """Largest |unpacked - masked| over SCI states and input gradients for one batch."""
     b, s = example_ids.shape
     hidden = branch.proj_in.in_features
+    device = branch.proj_in.weight.device
+    example_ids = example_ids.to(device)
     embeddings = torch.randn(s, b, hidden, generator=torch.Generator().manual_seed(seed))
+    embeddings = embeddings.to(device)
     results = []
     for masked in (False, True):
         x = embeddings.clone().requires_grad_(True)

@@ -113,9 +113,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     world = args.nodes * args.gpus_per_node
     plan = plan_memory(cfg, world, args.gpu_memory)
+    named = args.config and ("=" not in args.config or args.config.endswith((".yaml", ".yml")))
     print(
-        f"memory plan of {args.config or DEFAULT_CONFIG.name} on {args.nodes} node(s) x "
-        f"{args.gpus_per_node} GPU(s) of {args.gpu_memory / 1e9:g} GB"
+        f"memory plan of {args.config if named else DEFAULT_CONFIG.name} on {args.nodes} "
+        f"node(s) x {args.gpus_per_node} GPU(s) of {args.gpu_memory / 1e9:g} GB"
     )
     print(format_plan(plan))
     if args.json:

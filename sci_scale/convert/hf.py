@@ -68,9 +68,18 @@ def single_process() -> Iterator[None]:
 
 
 def whole_model_config(cfg: Config) -> Config:
-    """The same model at TP=PP=1 without ZeRO: how conversions hold it."""
+    """The same model at TP=PP=1 without ZeRO, computing in fp32: how conversions hold it."""
     return replace(
-        cfg, parallel=replace(cfg.parallel, tensor=1, pipeline=1, virtual_pipeline=1, zero_stage=0)
+        cfg,
+        parallel=replace(
+            cfg.parallel,
+            tensor=1,
+            pipeline=1,
+            virtual_pipeline=1,
+            zero_stage=0,
+            sequence_parallel=False,
+        ),
+        model=replace(cfg.model, compute_dtype="fp32"),
     )
 
 
@@ -317,7 +326,7 @@ def sci_logits(model: SCIGPTModel, tokens: torch.Tensor, rows: int) -> torch.Ten
     with torch.no_grad():
         logits = model(tokens, positions)
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-    return logits[..., :rows].float()
+    return logits[..., :rows].float().cpu()
 
 
 def hf_logits(hf_dir: Path, tokens: torch.Tensor, trust_remote_code: bool = False) -> torch.Tensor:
@@ -358,7 +367,7 @@ def _pipeline_logits(model: SCIGPTModel, tokens: torch.Tensor, rows: int) -> tor
     if not parallel_state.is_pipeline_last_stage():
         return None
     logits = tensor_parallel.gather_from_tensor_model_parallel_region(collected[0])
-    return logits[..., :rows].float()
+    return logits[..., :rows].float().cpu()
 
 
 def verify(
@@ -390,8 +399,15 @@ def verify(
     cfg = replace(
         cfg,
         parallel=replace(
-            cfg.parallel, tensor=tp, pipeline=pipeline, virtual_pipeline=1, zero_stage=0
+            cfg.parallel,
+            tensor=tp,
+            pipeline=pipeline,
+            virtual_pipeline=1,
+            zero_stage=0,
+            sequence_parallel=False,
         ),
+        # the check is against transformers in fp32
+        model=replace(cfg.model, compute_dtype="fp32"),
     )
     validate(cfg)
     rows = vocab_rows(cfg, state)

@@ -41,7 +41,7 @@ def perplexity(
                 return torch.stack([torch.as_tensor(b[key]) for b in batch])
 
             losses = model(stack("tokens"), stack("position_ids"), labels=stack("labels"))
-            mask = stack("loss_mask").float()
+            mask = stack("loss_mask").float().to(losses.device)
             total += float((losses.float() * mask).sum())
             count += int(mask.sum())
     if count == 0:

@@ -80,7 +80,7 @@ def probe_embeddings(
                         example_ids=torch.zeros_like(tokens),
                         template_ids=templates,
                     )
-                    hidden = captured[-1].float().mean(dim=0)  # [s, b, h] -> [b, h]
+                    hidden = captured[-1].float().mean(dim=0).cpu()  # [s, b, h] -> [b, h]
                     for row, i in enumerate(idx):
                         backbone[i] = hidden[row]
                     if has_branch:

@@ -109,9 +109,11 @@ def kernels_for(
 
 @dataclass(frozen=True)
 class SciBatch:
-    """The micro-batch the SCI branch is planned for. A pair block's examples are unpacked
-    into rows padded to a power of two (at most twice their tokens: ``padding``), pooled and
-    contrasted; a micro-batch of corpus blocks runs the branch over whole rows."""
+    """The micro-batch the SCI branch is planned for. With pair blocks the SCI attention runs
+    within each example: on the local spec each example is unpacked into a row padded to a
+    power of two (at most twice its tokens: ``padding``), on Transformer Engine the examples
+    are packed sequences (no padding); their embeddings are then pooled and contrasted. With
+    corpus blocks only, the branch runs plain causal attention over whole rows."""
 
     pairs: bool
     padding: float = 2.0
@@ -353,6 +355,29 @@ def _sci_params(cfg: Config, tp: int) -> tuple[int, int, int, int]:
 # -- activations ------------------------------------------------------------------------------
 
 
+def _attention(blk: _Block, k: Kernels, recompute: str, tp: int, width: int) -> float:
+    """Bytes per token the core attention and its inputs keep (see ``_layer_activations``)."""
+    e, d = k.compute_bytes, blk.head_dim
+    a, g = blk.heads / tp, blk.groups / tp
+    grouped = blk.groups < blk.heads
+    if k.transformer_engine or recompute == "selective" or not grouped:
+        out = (3 * a + 3 * g) * d * e
+    else:
+        out = 4 * a * d * e
+    if recompute != "selective":
+        out += a * width * e if k.attention_stores_scores else 4 * a
+    return out
+
+
+def _per_example_attention(blk: _Block, k: Kernels, tp: int, width: int, padding: float) -> float:
+    """Bytes per token of the local spec's attention within each example: per padded row
+    token the gathered q, k, v (and SDPA's output with its log-sum-exp, or the probabilities);
+    per token the scattered output (linear_proj's input) and its int64 positions."""
+    e, d, a = k.compute_bytes, blk.head_dim, blk.heads / tp
+    per_row = 3 * a * d * e + a * width * e if k.attention_stores_scores else 4 * a * d * e + 4 * a
+    return padding * per_row + a * d * e + 8
+
+
 def _layer_activations(
     blk: _Block,
     tokens: float,
@@ -362,6 +387,7 @@ def _layer_activations(
     tp: int,
     sp: int,
     residual: int,
+    attention: float | None = None,
 ) -> float:
     """Bytes one layer keeps for backward over ``tokens`` tokens in rows ``width`` long.
 
@@ -372,23 +398,19 @@ def _layer_activations(
     head; 3a + 3g without grouping), plus 4a (log-sum-exp) or a s e (the probabilities) unless
     selective; SwiGLU 3f e fused (fc1's output, fc2's input), 5f e unfused. RoPE adds
     4 s d e per layer unless fused. Full recompute keeps the layer's input only, h r / sp.
+    ``attention`` replaces the attention's bytes per token (the SCI branch's per-example path).
     """
     e = k.compute_bytes
     h, d = blk.hidden, blk.head_dim
     if recompute == "full":
         return tokens * h * residual / sp
-    a, g, f = blk.heads / tp, blk.groups / tp, blk.ffn / tp
+    f = blk.ffn / tp
     # TE: the norm's input and output; local: also the unweighted normalised input
     norms = 2 * (2 * h * e + 4) if k.transformer_engine else 2 * (2 * h * residual + h * e + 4)
-    grouped = blk.groups < blk.heads
-    if k.transformer_engine or recompute == "selective" or not grouped:
-        attention = (3 * a + 3 * g) * d * e
-    else:
-        attention = 4 * a * d * e
-    if recompute != "selective":
-        attention += a * width * e if k.attention_stores_scores else 4 * a
+    if attention is None:
+        attention = _attention(blk, k, recompute, tp, width)
     mlp = (3 if k.fused_swiglu else 5) * f * e
-    rope = 0 if k.fused_rope or recompute == "full" else 4 * width * d * e
+    rope = 0 if k.fused_rope else 4 * width * d * e
     return tokens * (norms / sp + attention + mlp) + rope
 
 
@@ -396,25 +418,27 @@ def _sci_activations(
     cfg: Config, k: Kernels, tokens: int, width: int, tp: int, batch: SciBatch
 ) -> float:
     """The SCI branch over one micro-batch: its blocks (no recompute, no sequence
-    parallelism: it sees whole examples) over the unpacked rows, the final norm, proj_out's
-    input and output, the gathered or cast copy of the embeddings it reads, and, for pair
-    blocks, the unpacking indices and the pooling weights."""
+    parallelism: it sees whole examples), the final norm, proj_out's input and output, the
+    gathered or cast copy of the embeddings it reads, and, for pair blocks, the per-example
+    attention's padded rows and shared row indices and the pooling weights."""
     s, m = cfg.sci, cfg.model
     if s.mode == "off" or (not s.fuse and not batch.pairs):
         return 0.0  # no branch, or nothing to fuse and nothing to contrast
     e, r = k.compute_bytes, k.residual_bytes
     blk = _sci_block(cfg)
-    rows = tokens * batch.padding if batch.pairs else tokens
-    out = s.num_layers * _layer_activations(blk, rows, width, k, "none", tp, 1, e)
-    out += rows * ((1 if k.transformer_engine else 2) * blk.hidden * e + 4)  # final norm
-    out += tokens * blk.hidden * e  # proj_out's input
+    attention = None
+    if batch.pairs and not k.transformer_engine:  # TE packs the examples (THD): no padding
+        attention = _per_example_attention(blk, k, tp, width, batch.padding)
+    out = s.num_layers * _layer_activations(blk, tokens, width, k, "none", tp, 1, e, attention)
+    out += tokens * ((3 if not k.transformer_engine else 2) * blk.hidden * e + 4)  # final norm
     out += tokens * m.hidden_size * e  # proj_out's output, kept by the gate's product
     if cfg.parallel.sequence_parallel or r != e:
         out += tokens * m.hidden_size * e  # proj_in's input: gathered / cast embeddings
     elif s.fuse_layer == 0:
         out += tokens * m.hidden_size * r  # the embeddings, beside layer 0's fused input
     if batch.pairs:
-        out += 9 * rows + 8 * tokens  # row indices (int64), valid masks, scattered indices
+        if attention is not None:
+            out += 9 * tokens * batch.padding  # the rows' int64 positions and valid masks
         out += SCI_EXAMPLE_SLOTS * tokens * e  # pooling weights [b, examples, s]
     return out
 

@@ -96,6 +96,12 @@ def resolve_implementation(cfg: Config, device: torch.device) -> Implementation:
             f"model.attention_backend={m.attention_backend} is a GPU kernel and this process "
             f"runs on {device}; use auto, unfused or local"
         )
+    if m.compute_dtype == "bf16" and device.type != "cuda":
+        raise ConfigError(
+            f"model.compute_dtype=bf16 on {device}: bf16 compute is autocast over the fp32 "
+            "weights, and megatron's linear layers replay autocast in their backward for CUDA "
+            "only; use model.compute_dtype=fp32 (or auto) on the CPU"
+        )
     if m.attention_backend == "local" and impl == TE:
         raise ConfigError(
             "model.attention_backend=local is megatron's own core attention of the local spec; "
