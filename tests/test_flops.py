@@ -98,7 +98,9 @@ def test_layer_spec_falls_back_to_local_sdpa_without_te() -> None:
     assert not transformer_engine_available()  # CPU machine
     spec, name = select_layer_spec()
     assert name.startswith("megatron local + torch SDPA")
-    assert spec.submodules.self_attention.submodules.core_attention.module.__name__ == "SDPAttention"
+    assert (
+        spec.submodules.self_attention.submodules.core_attention.module.__name__ == "SDPAttention"
+    )
 
 
 @pytest.mark.parametrize(

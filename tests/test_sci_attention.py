@@ -137,51 +137,43 @@ def test_equal_at_tensor_parallel_2(tmp_path: Path) -> None:
     assert all(d <= TOL for d in diffs.values()), diffs
 
 
-MEMORY_SCRIPT = """
-import json, resource, sys
-import torch
-from sci_scale.config import load_config
-from sci_scale.model.gpt import SCIGPTModel
-from sci_scale.model.sci_branch import example_attention_mask
-from sci_scale.runtime.distributed import init_distributed, seed_everything
-batch, seq, dense = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "dense"
-init_distributed()
-seed_everything(0)
-cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=64",
-    "model.num_attention_heads=4", "model.num_query_groups=2", f"model.seq_length={seq}",
-    "sci.hidden_size=256", "sci.num_layers=2", "sci.num_attention_heads=4"])
-branch = SCIGPTModel(cfg, vocab_size=256).sci
-ids = (torch.arange(seq) // 64).repeat(batch, 1)  # 64-token examples
-x = torch.randn(seq, batch, 64, requires_grad=True)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if dense:
-    states = branch.encoder(hidden_states=branch.proj_in(x),
-        attention_mask=example_attention_mask(ids), rotary_pos_emb=branch.rotary(seq))
-else:
-    states = branch.encode(x, ids)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("RESULT" + json.dumps({"peak_mb": (after - before) / 1024}))
-"""
+def saved_for_backward_mb(batch: int, seq: int, dense: bool = False) -> float:
+    """Memory one SCI-branch forward holds for its backward (unique storages the autograd
+    graph saves), in MB: what training keeps alive per micro-batch. Exact and free of allocator
+    noise, unlike the process's RSS."""
+    cfg = load_config(None, [
+        "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+        "model.num_query_groups=2", f"model.seq_length={seq}", "sci.hidden_size=256",
+        "sci.num_layers=2", "sci.num_attention_heads=4",
+    ])  # fmt: skip
+    branch = SCIGPTModel(cfg, vocab_size=256).sci
+    ids = (torch.arange(seq) // 64).repeat(batch, 1)  # 64-token examples
+    x = torch.randn(seq, batch, 64, requires_grad=True)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if dense:
+            branch.encoder(
+                hidden_states=branch.proj_in(x),
+                attention_mask=example_attention_mask(ids),
+                rotary_pos_emb=branch.rotary(seq),
+            )
+        else:
+            branch.encode(x, ids)
+    return sum(storages.values()) / 2**20
 
 
-def forward_peak_mb(batch: int, seq: int, dense: bool = False) -> float:
-    """Growth of the peak RSS during one SCI branch forward (autograd graph kept), in a fresh
-    process so that nothing else has raised the peak before."""
-    proc = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(batch), str(seq), "dense" if dense else "x"],
-        cwd=REPO, capture_output=True, text=True, timeout=240,
-        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line.removeprefix("RESULT"))["peak_mb"]
-
-
-def test_memory_is_linear_in_sequence_length() -> None:
+def test_memory_is_linear_in_sequence_length(branch) -> None:
     """seq 8192 x 1 holds the same tokens as seq 1024 x 8: with 64-token examples its forward
-    must cost at most twice the memory (a dense mask would cost ~8x: s^2 per sample)."""
-    long = forward_peak_mb(1, 8192)
-    short = forward_peak_mb(8, 1024)
-    print(f"SCI branch forward peak: seq 8192 x 1: {long:.0f} MB, seq 1024 x 8: {short:.0f} MB")
+    must keep at most twice the memory (the dense mask kept ~s^2 per sample)."""
+    long = saved_for_backward_mb(1, 8192)
+    short = saved_for_backward_mb(8, 1024)
+    print(f"SCI branch forward, saved for backward: seq 8192 x 1 {long:.1f} MB, "
+          f"seq 1024 x 8 {short:.1f} MB")  # fmt: skip
     assert short > 10  # the measurement sees the forward at all
     assert long <= 2 * short, (long, short)

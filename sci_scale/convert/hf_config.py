@@ -13,7 +13,7 @@ from typing import Any
 
 from sci_scale.config.schema import ModelSection
 from sci_scale.errors import UserError
-from sci_scale.model.gpt import llama_ffn_size
+from sci_scale.model.shapes import llama_ffn_size
 
 # architecture class -> model_type; SmolLM2 checkpoints are LlamaForCausalLM with tied embeddings
 ARCHITECTURES = {

@@ -70,8 +70,9 @@ class Kernels:
     ``transformer_engine``: TE's fused norm+linear keeps the norm's input and output (the local
     spec's torch RMSNorm also keeps the unweighted normalised input) and its attention takes the
     grouped keys/values as they are (SDPA on the local spec gets them repeated to every head).
-    ``fused_swiglu``: megatron's SwiGLU kernel (GPU) keeps only its input, the unfused one also
-    its two halves' products. ``fused_rope``: TE's RoPE (GPU) keeps no per-layer cos/sin.
+    ``fused_swiglu``: megatron's SwiGLU kernel (GPU) keeps only its input; unfused, silu's
+    output and a copy of the linear half are kept too. ``fused_rope``: TE's RoPE (GPU) keeps
+    no per-layer cos/sin.
     ``attention_stores_scores``: the kernel keeps the [b, heads, s, s] probabilities (SDPA's
     math kernel, megatron's own softmax attention) instead of a log-sum-exp per row (flash,
     cuDNN, the CPU flash kernel SDPA picks for causal attention).
@@ -129,9 +130,6 @@ class Terms:
     @property
     def total(self) -> int:
         return self.parameters + self.gradients + self.optimizer + self.activations
-
-    def __add__(self, other: Terms) -> Terms:
-        return Terms(*(getattr(self, t) + getattr(other, t) for t in TERMS))
 
 
 @dataclass(frozen=True)
@@ -302,7 +300,7 @@ class _Block:
 
 
 def _backbone(cfg: Config) -> _Block:
-    from sci_scale.model.gpt import llama_ffn_size
+    from sci_scale.model.shapes import llama_ffn_size
 
     m = cfg.model
     return _Block(
@@ -325,31 +323,29 @@ def _sci_block(cfg: Config) -> _Block:
 
 def padded_vocab(cfg: Config) -> int:
     """The embedding's rows as megatron pads them for ``parallel.tensor``."""
-    from sci_scale.model.gpt import padded_vocab_size
+    from sci_scale.model.shapes import padded_vocab_size
 
     m = cfg.model
     rows = m.vocab_size if m.vocab_size is not None else cfg.data.tokenizer_vocab_size
     return padded_vocab_size(rows, m.make_vocab_size_divisible_by, cfg.parallel.tensor)
 
 
-def _sci_params(cfg: Config, tp: int) -> tuple[int, int, int, int]:
-    """SCI branch: (parameters, trainable parameters, tensors, trainable tensors) per rank.
+def _sci_params(cfg: Config, tp: int) -> tuple[int, int, int]:
+    """SCI branch per rank: (parameters, trainable parameters, trainable tensors).
 
     The blocks are tensor-parallel; proj_in, proj_out, the gate and the head are plain torch
     modules, whole on every rank. ``sci.mode=frozen`` fixes all but proj_out and the gate."""
-    s, h = cfg.sci, cfg.model.hidden_size
+    s, h, hs = cfg.sci, cfg.model.hidden_size, cfg.sci.hidden_size
     blk = _sci_block(cfg)
-    encoder = s.num_layers * blk.params(tp) + s.hidden_size  # + final norm
-    head = s.hidden_size * s.hidden_size + s.hidden_size + s.hidden_size * s.embed_dim + s.embed_dim
-    extras = (s.hidden_size if s.pooling == "attention" else 0) + int(s.learnable_tau)
-    fusion = s.hidden_size * h + h  # proj_out, gate
-    frozen_part = h * s.hidden_size + encoder + head + extras  # proj_in, blocks, head, ...
-    tensors_frozen = 1 + s.num_layers * blk.tensors + 1 + 4 + (s.pooling == "attention")
-    tensors_frozen += int(s.learnable_tau)
-    params, tensors = frozen_part + fusion, tensors_frozen + 2
+    attention_pool = s.pooling == "attention"
+    # proj_in, the blocks and their final norm, the head's two linears, the pooling query, tau
+    fixed = h * hs + s.num_layers * blk.params(tp) + hs + hs * hs + hs + hs * s.embed_dim
+    fixed += s.embed_dim + hs * attention_pool + s.learnable_tau
+    fixed_tensors = 1 + s.num_layers * blk.tensors + 1 + 4 + attention_pool + s.learnable_tau
+    fusion = hs * h + h  # proj_out, gate: trained in every mode
     if s.mode == "frozen":
-        return params, fusion, tensors, 2
-    return params, params, tensors, tensors
+        return fixed + fusion, fusion, 2
+    return fixed + fusion, fixed + fusion, fixed_tensors + 2
 
 
 # -- activations ------------------------------------------------------------------------------
@@ -443,7 +439,7 @@ def _sci_activations(
     return out
 
 
-def _in_flight(rank: int, pp: int, vp: int, microbatches: int) -> list[int]:
+def in_flight_per_chunk(rank: int, pp: int, vp: int, microbatches: int) -> list[int]:
     """Micro-batches each model chunk of pipeline ``rank`` holds for backward at the peak of
     megatron's 1F1B schedule: min(pp - rank, m) without virtual stages; with them, the
     interleaved warm-up's forwards, which visit the chunks in groups of pp micro-batches."""
@@ -457,6 +453,59 @@ def _in_flight(rank: int, pp: int, vp: int, microbatches: int) -> list[int]:
 
 
 # -- the plan ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    """One model chunk (global pipeline stage): its weights and what one micro-batch keeps."""
+
+    params: int = 0
+    tensors: int = 0
+    activations: float = 0.0  # saved for backward by one micro-batch
+    transient: float = 0.0  # alive only during backward (a recomputed layer, a logits copy)
+    holds: tuple[str, ...] = ()
+
+
+def _chunk(cfg: Config, k: Kernels, stage: int, chunks: int) -> _Chunk:
+    """The backbone's share of global pipeline stage ``stage`` of ``chunks``: its layers, the
+    embedding on the first, the final norm and output layer (and the logits) on the last."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    tp = p.tensor
+    sp = tp if p.sequence_parallel else 1
+    seq, tokens, e, r = (
+        m.seq_length,
+        m.seq_length * t.micro_batch_size,
+        k.compute_bytes,
+        k.residual_bytes,
+    )
+    blk = _backbone(cfg)
+    vocab_rows = math.ceil(padded_vocab(cfg) / tp)
+    per_chunk = math.ceil(m.num_layers / chunks)
+    n_layers = max(0, min(per_chunk, m.num_layers - stage * per_chunk))
+    c = _Chunk(n_layers * blk.params(tp), n_layers * blk.tensors)
+    c.activations = n_layers * _layer_activations(blk, tokens, seq, k, m.recompute, tp, sp, r)
+    if m.recompute == "full" or k.fused_rope:
+        c.activations += seq * blk.head_dim * 4  # the rotary frequencies, one fp32 tensor
+    if m.recompute == "full" and n_layers:  # the layer being recomputed in backward
+        c.transient = _layer_activations(blk, tokens, seq, k, "none", tp, sp, r)
+    if stage == 0:
+        c.holds += ("embedding",)
+        c.params += vocab_rows * m.hidden_size
+        c.tensors += 1
+        c.activations += tokens * 8  # the token ids the embedding keeps
+    if stage == chunks - 1:
+        c.holds += ("output layer",)
+        c.params += m.hidden_size  # final norm
+        c.tensors += 1
+        if not m.tie_embeddings or p.pipeline > 1:  # untied, or the last stage's copy
+            c.params += vocab_rows * m.hidden_size
+            c.tensors += 1
+        norm = (2 * e if k.transformer_engine else 2 * r + e) * m.hidden_size + 4
+        c.activations += tokens * norm / sp
+        c.activations += tokens * vocab_rows * 4 + tokens * 9  # fp32 logits, loss mask/target
+        if e != 4:
+            c.transient = max(c.transient, tokens * vocab_rows * e)  # the logits' bf16 copy
+    return c
 
 
 def plan_memory(
@@ -481,82 +530,40 @@ def plan_memory(
     if sci_batch is None:
         sci_batch = SciBatch(pairs=cfg.data.pair_rate > 0)
     tp, pp, vp = p.tensor, p.pipeline, p.virtual_pipeline
-    sp = tp if p.sequence_parallel else 1
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-    seq, tokens = m.seq_length, m.seq_length * t.micro_batch_size
-    blk = _backbone(cfg)
-    vocab_rows = math.ceil(padded_vocab(cfg) / tp)
     pbytes = 2 if m.params_dtype == "bf16" else 4
-    e = k.compute_bytes
-    chunks = pp * vp
-    layers_per_chunk = math.ceil(m.num_layers / chunks)
-    sci_on = cfg.sci.mode != "off"
+    blk = _backbone(cfg)
+    largest = max(math.ceil(padded_vocab(cfg) / tp) * m.hidden_size, blk.ffn * blk.hidden // tp * 2)
     lm_trains = cfg.sci.mode != "sci_only"
 
     stages = []
     for rank in range(pp):
-        in_flight = _in_flight(rank, pp, vp, microbatches)
-        params = trainable = trainable_tensors = 0
-        sci_params = sci_trainable = sci_tensors = 0
-        saved = per_mb = transient = sci_act = 0.0
-        holds = []
-        for chunk, count in enumerate(in_flight):
-            stage = chunk * pp + rank
-            first, last = stage == 0, stage == chunks - 1
-            n_layers = max(0, min(layers_per_chunk, m.num_layers - stage * layers_per_chunk))
-            b_params = n_layers * blk.params(tp)
-            b_tensors = n_layers * blk.tensors
-            act = _layer_activations(blk, tokens, seq, k, m.recompute, tp, sp, k.residual_bytes)
-            chunk_act = n_layers * act
-            if m.recompute == "full" or k.fused_rope:
-                chunk_act += seq * blk.head_dim * 4  # the rotary frequencies, one tensor
-            if m.recompute == "full" and n_layers:
-                one = _layer_activations(blk, tokens, seq, k, "none", tp, sp, k.residual_bytes)
-                transient = max(transient, one)  # the layer being recomputed in backward
-            if first:
-                holds.append("embedding")
-                b_params += vocab_rows * m.hidden_size
-                b_tensors += 1
-                chunk_act += tokens * 8  # token ids kept by the embedding
-                if sci_on:
-                    holds.append("SCI branch")
-                    sci_params, sci_trainable, _, sci_tensors = _sci_params(cfg, tp)
-                    params += sci_params
-                    trainable += sci_trainable
-                    trainable_tensors += sci_tensors
-                    one_sci = _sci_activations(cfg, k, tokens, seq, tp, sci_batch)
-                    chunk_act += one_sci
-                    sci_act = count * one_sci
-            if last:
-                holds.append("output layer")
-                b_params += m.hidden_size  # final norm
-                b_tensors += 1
-                if not m.tie_embeddings or pp > 1:
-                    b_params += vocab_rows * m.hidden_size
-                    b_tensors += 1
-                norm = (2 * e if k.transformer_engine else 2 * k.residual_bytes + e) * m.hidden_size
-                chunk_act += tokens * (norm + 4) / sp
-                chunk_act += tokens * vocab_rows * 4 + tokens * 9  # fp32 logits, loss mask/target
-                if e != 4:
-                    transient = max(transient, tokens * vocab_rows * e)  # their bf16 copy
-            params += b_params
-            if lm_trains:
-                trainable += b_params
-                trainable_tensors += b_tensors
-            saved += count * chunk_act
-            per_mb += chunk_act
-        terms = _state_terms(
-            params, trainable, trainable_tensors, pbytes, p.zero_stage, dp, blk, vocab_rows
-        )
-        terms = Terms(terms.parameters, terms.gradients, terms.optimizer, int(saved + transient))
+        in_flight = in_flight_per_chunk(rank, pp, vp, microbatches)
+        chunks = [_chunk(cfg, k, c * pp + rank, pp * vp) for c in range(vp)]
+        params = sum(c.params for c in chunks)
+        trainable = params if lm_trains else 0
+        tensors = sum(c.tensors for c in chunks) if lm_trains else 0
+        saved = sum(n * c.activations for n, c in zip(in_flight, chunks, strict=True))
+        per_mb = sum(c.activations for c in chunks)
+        transient = max(c.transient for c in chunks)
+        holds = [h for c in chunks for h in c.holds]
         sci = Terms()
-        if sci_params:
-            sci_state = _state_terms(
-                sci_params, sci_trainable, sci_tensors, pbytes, p.zero_stage, dp
+        if rank == 0 and cfg.sci.mode != "off":  # the branch sits in the first chunk
+            holds.insert(1, "SCI branch")
+            sci_params, sci_trainable, sci_tensors = _sci_params(cfg, tp)
+            one = _sci_activations(
+                cfg, k, m.seq_length * t.micro_batch_size, m.seq_length, tp, sci_batch
             )
-            sci = Terms(
-                sci_state.parameters, sci_state.gradients, sci_state.optimizer, int(sci_act)
+            state = _state_terms(sci_params, sci_trainable, sci_tensors, pbytes, p.zero_stage, dp)
+            sci = Terms(state.parameters, state.gradients, state.optimizer, int(in_flight[0] * one))
+            params, trainable, tensors = (
+                params + sci_params,
+                trainable + sci_trainable,
+                tensors + sci_tensors,
             )
+            saved, per_mb = saved + in_flight[0] * one, per_mb + one
+        state = _state_terms(params, trainable, tensors, pbytes, p.zero_stage, dp, largest)
+        terms = Terms(state.parameters, state.gradients, state.optimizer, int(saved + transient))
         stages.append(StagePlan(rank, terms, sci, in_flight[0], ", ".join(holds), int(per_mb)))
     worst = max(stages, key=lambda s: s.terms.total)
     return MemoryPlan(
@@ -570,7 +577,7 @@ def plan_memory(
         recompute=m.recompute,
         sequence_parallel=p.sequence_parallel,
         params_dtype=m.params_dtype,
-        compute_bytes=e,
+        compute_bytes=k.compute_bytes,
         attention_stores_scores=k.attention_stores_scores,
         transformer_engine=k.transformer_engine,
         full_recompute_allowed=cfg.sci.mode == "off" or cfg.sci.fuse_layer == 0,
@@ -588,8 +595,7 @@ def _state_terms(
     pbytes: int,
     zero: int,
     dp: int,
-    blk: _Block | None = None,
-    vocab_rows: int = 0,
+    largest_module: int = 0,
 ) -> Terms:
     """Weights, gradients and optimizer state of ``params`` weights (``trainable`` of them
     in ``tensors`` tensors) under ZeRO stage ``zero`` over ``dp`` ranks.
@@ -598,7 +604,7 @@ def _state_terms(
     ZeRO >= 1: 12 bytes per trainable parameter over DP, plus DeepSpeed's fp32 gradient
     partition at the step (4 over DP); ZeRO-2/3 keep the gradients' partition (plus one reduce
     bucket) instead of the whole gradient; ZeRO-3 keeps the weights' partition and gathers one
-    module at a time (the largest: the embedding's or fc1's rows).
+    module at a time (``largest_module`` parameters: the embedding's or fc1's shard).
     """
     if zero == 0:
         return Terms(params * pbytes, trainable * pbytes, 2 * trainable * pbytes + 4 * tensors)
@@ -610,10 +616,7 @@ def _state_terms(
     gradients = shard * pbytes + 4 * shard + bucket
     if zero == 2:
         return Terms(params * pbytes, gradients, optimizer)
-    gathered = 0
-    if blk is not None:
-        gathered = max(vocab_rows * blk.hidden, 2 * blk.ffn * blk.hidden) * pbytes
-    return Terms(math.ceil(params / dp) * pbytes + gathered, gradients, optimizer)
+    return Terms((math.ceil(params / dp) + largest_module) * pbytes, gradients, optimizer)
 
 
 def require_fit(plan: MemoryPlan) -> MemoryPlan:

@@ -11,7 +11,6 @@ exactly as megatron ships them. The SCL gradient rides on the same hidden states
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,28 +32,20 @@ from sci_scale.losses.gather import gather_examples, max_example_count
 from sci_scale.losses.scl import SCLOutput, Temperature, supervised_contrastive_loss
 from sci_scale.model.init import check_constant_vectors, initialize_layout_independent
 from sci_scale.model.sci_branch import SCIBranch
+from sci_scale.model.shapes import llama_ffn_size, padded_vocab_size
 from sci_scale.model.specs import (
     TE,
     Implementation,
     kernel_fusion_flags,
     layer_spec,
     resolve_implementation,
+    transformer_engine_available,
 )
 from sci_scale.runtime.device import autocast_dtype, current_device
 
 log = logging.getLogger(__name__)
 
-
-def llama_ffn_size(hidden: int, multiple_of: int = 64) -> int:
-    """Llama's SwiGLU width: 2/3 of 4h, rounded up to a multiple."""
-    size = int(8 * hidden / 3)
-    return multiple_of * math.ceil(size / multiple_of)
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    """Megatron pads the vocabulary so every tensor-parallel shard has the same width."""
-    multiple = divisible_by * tensor_parallel
-    return multiple * math.ceil(vocab_size / multiple)
+__all__ = ["SCIGPTModel", "llama_ffn_size", "model_vocab_size", "padded_vocab_size"]
 
 
 def model_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
@@ -76,7 +67,12 @@ def backbone_transformer_config(
     cfg: Config, impl: Implementation | None = None
 ) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
-    impl = impl or resolve_implementation(cfg, current_device())
+    if impl is None:  # the machine's default implementation, not checked against the config
+        impl = Implementation(
+            TE if transformer_engine_available() else "local",
+            m.attention_backend,
+            current_device(),
+        )
     dtype = torch.bfloat16 if m.params_dtype == "bf16" else torch.float32
     return TransformerConfig(
         num_layers=m.num_layers,

@@ -102,6 +102,11 @@ def resolve_implementation(cfg: Config, device: torch.device) -> Implementation:
             "weights, and megatron's linear layers replay autocast in their backward for CUDA "
             "only; use model.compute_dtype=fp32 (or auto) on the CPU"
         )
+    if m.attention_backend == "local" and device.type != "cuda":
+        raise ConfigError(
+            "model.attention_backend=local is megatron's own softmax attention, which builds its "
+            "causal mask on CUDA; on the CPU use auto or unfused (SDPA's math kernel)"
+        )
     if m.attention_backend == "local" and impl == TE:
         raise ConfigError(
             "model.attention_backend=local is megatron's own core attention of the local spec; "

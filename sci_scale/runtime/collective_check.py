@@ -7,8 +7,9 @@ bug ships. This checker makes the CPU run behave like the GPU one in that respec
 - a ``TorchFunctionMode`` marks the storage of every tensor a factory call (``torch.tensor``,
   ``zeros``, ``from_numpy``, ...) makes without an explicit device, remembering where;
 - results computed only from marked tensors are marked too (``torch.tensor(x) * 2``);
-- ``.to(device)`` / ``.cuda()`` with an explicit device returns a fresh copy even when the
-  tensor is already there, as moving a CPU tensor to a GPU would;
+- ``.to(device)`` / ``.cuda()`` of a marked tensor with an explicit device returns a fresh copy
+  even when the tensor is already there, as moving a CPU tensor to a GPU would (unmarked
+  tensors keep torch's semantics: ``.to`` of a tensor already in place returns it);
 - the collectives of ``torch.distributed`` (all-reduce, all-gather, broadcast, send/recv,
   batched p2p, ...) raise :class:`CollectiveDeviceError` for a marked tensor, naming where it
   was made and where it was used.
@@ -113,9 +114,9 @@ class DefaultDeviceTracker(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _MOVES and args and _explicit_device(func, args, kwargs):
             out = func(*args, **kwargs)
-            if out is args[0] or (
-                isinstance(out, torch.Tensor) and made_at(out) is not None
-            ):  # already there: a GPU move would have copied
+            if isinstance(out, torch.Tensor) and made_at(out) is not None:
+                # a default-device tensor "moved" to where it already is: on a GPU node it
+                # would have been copied to the GPU, so the result is a fresh, placed tensor
                 out = out.clone()
             return out
         out = func(*args, **kwargs)

@@ -191,7 +191,7 @@ class CheckpointManager:
 def read_run_state(path: Path) -> RunState:
     if not (path / RUN_STATE).exists():
         raise CheckpointError(f"{path} is not a sci-scale checkpoint (no {RUN_STATE})")
-    state = torch.load(path / RUN_STATE, weights_only=True)
+    state = torch.load(path / RUN_STATE, weights_only=True, map_location="cpu")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {state.get('format_version')}, "
@@ -285,7 +285,7 @@ def load_training_state(
             path,
         )
         return False
-    rank_state = torch.load(rank_file, weights_only=True)
+    rank_state = torch.load(rank_file, weights_only=True, map_location="cpu")
     if engine is None:
         optimizer.load_state_dict(rank_state["optimizer"])
     else:

@@ -38,7 +38,7 @@ def _layer_matmul_weights(hidden: int, heads: int, groups: int, head_dim: int, f
 
 
 def count_flops(cfg: Config, vocab: int) -> FlopCount:
-    from sci_scale.model.gpt import llama_ffn_size
+    from sci_scale.model.shapes import llama_ffn_size
 
     m, s, seq = cfg.model, cfg.sci, cfg.model.seq_length
     head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
