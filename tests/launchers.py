@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,3 +56,16 @@ def failure_summary(proc: subprocess.CompletedProcess, limit: int = 4000) -> str
     text = f"{proc.stdout}\n{proc.stderr}"
     errors = [line for line in text.splitlines() if "error" in line.lower()]
     return ("\n".join(errors)[-limit // 2 :] + "\n---\n" + text[-limit // 2 :]).strip()
+
+
+def torchrun_script(script: Path, nproc: int = 2, timeout_s: float = 240) -> Any:
+    """Run a Python file under torchrun; returns what its rank 0 printed as ``RESULT<json>``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(script)]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    return json.loads(line.removeprefix("RESULT"))

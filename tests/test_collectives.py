@@ -11,15 +11,12 @@ placed there explicitly.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from launchers import REPO, free_port
+from launchers import REPO, torchrun_script
 
 from sci_scale.runtime import collective_check
 from sci_scale.runtime.collective_check import DefaultDeviceTracker, made_at
@@ -67,15 +64,7 @@ dist.destroy_process_group()
 def checker_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     script = tmp_path_factory.mktemp("checker") / "check.py"
     script.write_text(textwrap.dedent(CHECKER_SCRIPT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", str(script)]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
-        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line.removeprefix("RESULT"))
+    return torchrun_script(script)
 
 
 @pytest.mark.parametrize("name", ["stop_flags", "derived", "count_gather", "p2p"])

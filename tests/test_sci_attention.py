@@ -9,16 +9,13 @@ the sequence length.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from launchers import REPO, free_port
+from launchers import REPO, torchrun_script
 
 from sci_scale.config import load_config
 from sci_scale.data.blocks import pack_block
@@ -124,15 +121,7 @@ def test_equal_at_tensor_parallel_2(tmp_path: Path) -> None:
             """
         )
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", str(script)]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
-        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    diffs = json.loads(line.removeprefix("RESULT"))
+    diffs = torchrun_script(script)
     assert set(diffs) == {"pairs", "corpus", "mixed"}
     assert all(d <= TOL for d in diffs.values()), diffs
 

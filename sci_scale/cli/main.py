@@ -583,7 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may also follow the options (`submit CONFIG --nodes 4 train.steps=9`):
+    # argparse stops filling a positional list at the first option.
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.parse_args(argv)  # reports the unknown arguments argparse's way, and exits
+        args.overrides = [*args.overrides, *extra]
     setup_logging(args.verbose)
     try:
         return args.func(args)
