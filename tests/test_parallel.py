@@ -80,6 +80,7 @@ def assert_same_trajectory(records: list[dict], expected: list[dict], steps=None
 LAYOUTS = {
     "tp2": (2, ["parallel.tensor=2"]),
     "pp2": (2, ["parallel.pipeline=2"]),
+    "dp2_zero0": (2, ["parallel.zero_stage=0", "train.micro_batch_size=2"]),
     "dp2_zero1": (2, ["parallel.zero_stage=1", "train.micro_batch_size=2"]),
     "dp2_zero2": (2, ["parallel.zero_stage=2", "train.micro_batch_size=2"]),
     "dp2_zero3": (2, ["parallel.zero_stage=3", "train.micro_batch_size=2"]),

@@ -125,7 +125,8 @@ class MemoryTracker:
 
 class TransformersBaseline:
     """One optimizer step of a plain transformers model of the config's backbone shape (Llama;
-    Qwen2 with Q/K/V biases)."""
+    Qwen2 with Q/K/V biases), on sci-scale's device and under its precision policy (autocast
+    at ``model.compute_dtype`` over weights of ``model.params_dtype``)."""
 
     def __init__(self, cfg: Config, vocab: int, seed: int = 0) -> None:
         import torch
@@ -141,7 +142,12 @@ class TransformersBaseline:
         for key in ("architectures", "torch_dtype", "bos_token_id", "eos_token_id"):
             fields.pop(key)
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from sci_scale.runtime.device import autocast_dtype, current_device
+
+        device = current_device()  # the sci-scale variants' device, set by their setup
+        # the same precision policy as sci-scale: autocast at model.compute_dtype
+        self.autocast = autocast_dtype(m.compute_dtype, device)
+        self.device_type = device.type
         self.model = AutoModelForCausalLM.from_config(
             config, attn_implementation="sdpa", dtype=dtype
         ).to(device)
@@ -158,7 +164,12 @@ class TransformersBaseline:
         import torch
 
         for tokens in self.micro:
-            loss = self.model(input_ids=tokens, labels=tokens).loss / len(self.micro)
+            with torch.autocast(
+                self.device_type,
+                dtype=self.autocast or torch.float32,
+                enabled=self.autocast is not None,
+            ):
+                loss = self.model(input_ids=tokens, labels=tokens).loss / len(self.micro)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
