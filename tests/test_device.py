@@ -130,7 +130,7 @@ def _shard(full_shape, offset, local_shape, key="w", prepend=0) -> ShardedTensor
 def test_shards_are_slices_of_one_global_draw(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
     """Row and column shards of a weight (TP column/row parallel) are exactly the slices of the
     whole weight's draw, also across generator blocks."""
-    monkeypatch.setattr(model_init, "BLOCK_ELEMENTS", 64 * 5)  # 5-row blocks at 64 columns
+    monkeypatch.setattr(model_init, "BLOCK_ROWS", 5)  # several blocks, one cut by the end
     shape = (rows - rows % 2, 64)
     whole = _shard(shape, (0, 0), shape)
     model_init.fill_global_normal(whole, seed=3, std=0.5)
@@ -146,6 +146,10 @@ def test_shards_are_slices_of_one_global_draw(monkeypatch: pytest.MonkeyPatch, r
             model_init.fill_global_normal(shard, seed=3, std=0.5)
             parts.append(shard.data)
         assert torch.equal(torch.cat(parts, dim=axis), whole.data)
+    # a taller tensor (a vocabulary padded for another TP size) starts with the same rows
+    taller = _shard((shape[0] + 6, 64), (0, 0), (shape[0] + 6, 64))
+    model_init.fill_global_normal(taller, seed=3, std=0.5)
+    assert torch.equal(taller.data[: shape[0]], whole.data)
     other = _shard(shape, (0, 0), shape, key="v")
     model_init.fill_global_normal(other, seed=3, std=0.5)
     assert not torch.equal(other.data, whole.data)  # each weight has its own draw

@@ -24,7 +24,10 @@ from collections.abc import Iterator
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-BLOCK_ELEMENTS = 1 << 22  # rows per generator block: a fixed function of the global shape
+# Rows per generator block: a fixed function of a row's width (never of the row count), small
+# enough that a tiny model draws little more than its weights, large enough for few calls.
+BLOCK_ROWS = 256
+BLOCK_ELEMENTS = 1 << 22
 OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 
 
@@ -55,7 +58,7 @@ def fill_global_normal(tensor: ShardedTensor, seed: int, std: float) -> None:
     if local.dim() < 2:
         raise ValueError(f"{tensor.key}: only matrices are drawn, got shape {tuple(local.shape)}")
     row_numel = math.prod(shape[1:])
-    rows_per_block = max(1, BLOCK_ELEMENTS // row_numel)
+    rows_per_block = max(1, min(BLOCK_ROWS, BLOCK_ELEMENTS // row_numel))
     first, last = offset[0], offset[0] + local.shape[0]  # the global rows this shard holds
     cols = tuple(slice(o, o + n) for o, n in zip(offset[1:], local.shape[1:], strict=True))
     device = local.device
@@ -65,8 +68,11 @@ def fill_global_normal(tensor: ShardedTensor, seed: int, std: float) -> None:
             start = block * rows_per_block
             stop = min(start + rows_per_block, shape[0])
             generator.manual_seed(_seed(seed, tensor.key, prefix, block))
+            # Always a whole block: a generator's values at an index can depend on how many
+            # it draws (CUDA's kernels split the work by size), so the size must not depend
+            # on the tensor's total rows (e.g. a vocabulary padded for another TP size).
             values = torch.randn(
-                (stop - start, *shape[1:]), generator=generator, device=device,
+                (rows_per_block, *shape[1:]), generator=generator, device=device,
                 dtype=torch.float32,
             )  # fmt: skip
             lo, hi = max(first, start), min(last, stop)
