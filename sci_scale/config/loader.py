@@ -430,9 +430,10 @@ def validate_implementation(cfg: Config) -> None:
     )
     if device == "cpu":
         _require(
-            m.attention_backend not in ("flash", "fused"),
+            m.attention_backend not in ("flash", "fused", "local"),
             f"model.attention_backend={m.attention_backend} with runtime.device=cpu: flash and "
-            "fused attention are GPU kernels; use auto, unfused or local",
+            "fused attention are GPU kernels, and megatron's local attention builds its mask on "
+            "CUDA; use auto or unfused",
         )
         _require(
             m.transformer_impl != "transformer_engine",

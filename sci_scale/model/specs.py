@@ -94,7 +94,7 @@ def resolve_implementation(cfg: Config, device: torch.device) -> Implementation:
     if m.attention_backend in ("flash", "fused") and device.type != "cuda":
         raise ConfigError(
             f"model.attention_backend={m.attention_backend} is a GPU kernel and this process "
-            f"runs on {device}; use auto, unfused or local"
+            f"runs on {device}; use auto or unfused"
         )
     if m.compute_dtype == "bf16" and device.type != "cuda":
         raise ConfigError(

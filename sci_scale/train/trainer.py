@@ -29,6 +29,7 @@ from sci_scale.data.tokenizer import tokenizer_identity
 from sci_scale.eval.representation import collapse_warning, representation_metrics
 from sci_scale.losses.scl import alpha_at
 from sci_scale.model.gpt import ModelChunks, SCIGPTModel, llama_ffn_size, model_vocab_size
+from sci_scale.model.specs import resolve_implementation
 from sci_scale.runtime import collectives
 from sci_scale.runtime.distributed import (
     destroy_distributed,
@@ -224,6 +225,8 @@ class Trainer:
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
         self.is_main = self.env.is_main
         seed_everything(t.seed)
+        # What this machine cannot serve (TE, flash on a CPU, ...) fails before the data build.
+        resolve_implementation(cfg, self.env.device)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "config.yaml", "w") as handle:
