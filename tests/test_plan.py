@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from activation_memory import saved_for_backward
 
 from sci_scale.cli.main import main
 from sci_scale.config import load_config
@@ -145,25 +146,17 @@ def test_state_terms_equal_what_training_holds(make_config, tmp_path: Path, over
 
 def _saved_for_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
     """Bytes of the distinct storages autograd keeps during one forward (weights excluded)."""
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(
+    return saved_for_backward(
+        lambda: model(
             batch["tokens"],
             batch["position_ids"],
             labels=batch["labels"],
             loss_mask=batch["loss_mask"],
             example_ids=batch["example_ids"],
             template_ids=batch["template_ids"],
-        )
-    return sum(kept.values())
+        ),
+        exclude=[*model.parameters(), *model.buffers()],
+    )
 
 
 def _micro_batch(dataset, size: int, pairs: bool) -> dict[str, torch.Tensor]:

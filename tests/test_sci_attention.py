@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from activation_memory import saved_for_backward
 from launchers import REPO, torchrun_script
 
 from sci_scale.config import load_config
@@ -127,9 +128,7 @@ def test_equal_at_tensor_parallel_2(tmp_path: Path) -> None:
 
 
 def saved_for_backward_mb(batch: int, seq: int, dense: bool = False) -> float:
-    """Memory one SCI-branch forward holds for its backward (unique storages the autograd
-    graph saves), in MB: what training keeps alive per micro-batch. Exact and free of allocator
-    noise, unlike the process's RSS."""
+    """Activation memory one SCI-branch forward holds for its backward, in MB."""
     cfg = load_config(None, [
         "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.num_query_groups=2", f"model.seq_length={seq}", "sci.hidden_size=256",
@@ -138,23 +137,16 @@ def saved_for_backward_mb(batch: int, seq: int, dense: bool = False) -> float:
     branch = SCIGPTModel(cfg, vocab_size=256).sci
     ids = (torch.arange(seq) // 64).repeat(batch, 1)  # 64-token examples
     x = torch.randn(seq, batch, 64, requires_grad=True)
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if dense:
-            branch.encoder(
-                hidden_states=branch.proj_in(x),
-                attention_mask=example_attention_mask(ids),
-                rotary_pos_emb=branch.rotary(seq),
-            )
-        else:
-            branch.encode(x, ids)
-    return sum(storages.values()) / 2**20
+    if dense:
+        forward = lambda: branch.encoder(  # noqa: E731
+            hidden_states=branch.proj_in(x),
+            attention_mask=example_attention_mask(ids),
+            rotary_pos_emb=branch.rotary(seq),
+        )
+    else:
+        forward = lambda: branch.encode(x, ids)  # noqa: E731
+    weights = [*branch.parameters(), *branch.buffers()]
+    return saved_for_backward(forward, exclude=weights) / 2**20
 
 
 def test_memory_is_linear_in_sequence_length(branch) -> None:
