@@ -35,7 +35,8 @@ from sci_scale.convert.hf_io import SAFETENSORS, read_hf_weights
 from sci_scale.convert.weights import hf_to_megatron, megatron_to_hf, sci_branch_to_hf
 from sci_scale.data.hf_tokenizer import TOKENIZER_FILES, HFTokenizer, is_hf_tokenizer_dir
 from sci_scale.data.tokenizer import load_tokenizer, tokenizer_identity
-from sci_scale.model.gpt import SCIGPTModel, model_vocab_size, padded_vocab_size
+from sci_scale.model.gpt import SCIGPTModel, model_vocab_size
+from sci_scale.model.shapes import padded_vocab_size
 from sci_scale.runtime.distributed import (
     destroy_distributed,
     init_distributed,

@@ -118,7 +118,8 @@ class SDPAttention(DotProductAttention):
             # [n, w, heads, d] -> [n, heads, w, d]
             rows = [t[group.index].transpose(1, 2) for t in flat]
             context = self._sdpa(*rows, mask=None, causal=True).transpose(1, 2)
-            out = out.index_put((group.index[group.valid],), context[group.valid].to(out.dtype))
+            # in place: each group fills its own positions; no copy of the buffer per group
+            out.index_put_((group.index[group.valid],), context[group.valid].to(out.dtype))
         return out.view(b, s, *out.shape[1:]).transpose(0, 1)
 
     def forward(  # type: ignore[override]

@@ -45,8 +45,6 @@ from sci_scale.runtime.device import autocast_dtype, current_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCIGPTModel", "llama_ffn_size", "model_vocab_size", "padded_vocab_size"]
-
 
 def model_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
     """The embedding's rows: ``model.vocab_size`` if set (it must hold every token id the

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from sci_scale.config import Config
-from sci_scale.model.gpt import model_vocab_size, padded_vocab_size
+from sci_scale.model.gpt import model_vocab_size
+from sci_scale.model.shapes import padded_vocab_size
 from sci_scale.runtime.distributed import destroy_distributed
 from sci_scale.train.flops import FORMULA, H100_BF16_DENSE_TFLOPS, count_flops
 from sci_scale.train.trainer import Trainer

@@ -28,7 +28,8 @@ from sci_scale.data.pipeline import DataBundle, build_data
 from sci_scale.data.tokenizer import tokenizer_identity
 from sci_scale.eval.representation import collapse_warning, representation_metrics
 from sci_scale.losses.scl import alpha_at
-from sci_scale.model.gpt import ModelChunks, SCIGPTModel, llama_ffn_size, model_vocab_size
+from sci_scale.model.gpt import ModelChunks, SCIGPTModel, model_vocab_size
+from sci_scale.model.shapes import llama_ffn_size
 from sci_scale.model.specs import resolve_implementation
 from sci_scale.runtime import collectives
 from sci_scale.runtime.distributed import (
