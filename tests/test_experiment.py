@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sci_scale.config import load_config
-from sci_scale.config.loader import ConfigError
+from sci_scale.config.errors import ConfigError
 from sci_scale.experiment.ablation import ablation_variants, run_ablation
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses, YAML loading, dotted overrides, validation."""
 
+from sci_scale.config.errors import ConfigError
 from sci_scale.config.loader import (
-    ConfigError,
     apply_overrides,
     config_from_dict,
     config_to_dict,

@@ -7,7 +7,7 @@ is refused with the same message in both places.
 
 from __future__ import annotations
 
-from sci_scale.config.loader import ConfigError
+from sci_scale.config.errors import ConfigError
 from sci_scale.config.schema import Config
 
 

@@ -18,12 +18,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from sci_scale.config.errors import ConfigError
 from sci_scale.config.schema import Config
-from sci_scale.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem, stated in one line."""
 
 
 def _is_dataclass_type(tp: Any) -> bool:

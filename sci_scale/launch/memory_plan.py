@@ -25,8 +25,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from sci_scale.config.errors import ConfigError
 from sci_scale.config.layout import data_parallel_size
-from sci_scale.config.loader import ConfigError
 from sci_scale.config.schema import Config
 from sci_scale.train.flops import _layer_matmul_weights
 

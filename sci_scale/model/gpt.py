@@ -25,7 +25,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from sci_scale.config.loader import ConfigError
+from sci_scale.config.errors import ConfigError
 from sci_scale.config.schema import Config
 from sci_scale.losses.aux import attach_aux_loss
 from sci_scale.losses.gather import gather_examples, max_example_count

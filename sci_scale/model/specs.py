@@ -20,7 +20,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from sci_scale.config.loader import ConfigError
+from sci_scale.config.errors import ConfigError
 from sci_scale.config.schema import Config
 from sci_scale.model.attention import SDPAttention, sdpa_backend_name
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from sci_scale.config.loader import ConfigError
+from sci_scale.config.errors import ConfigError
 from sci_scale.runtime.collective_check import install_from_env
 from sci_scale.runtime.cpu_compat import apply_cpu_compat
 from sci_scale.runtime.device import reset_current_device, resolve_device, set_current_device

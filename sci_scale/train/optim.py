@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from sci_scale.config.loader import ConfigError
+from sci_scale.config.errors import ConfigError
 from sci_scale.config.schema import Config
 
 
