@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sci_scale.cli import main as cli
-from sci_scale.config import Config, ConfigError, config_to_dict, load_config
+from sci_scale.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -258,3 +262,105 @@ def test_cli_missing_config_file_exits_2(capsys, tmp_path):
     assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config file not found" in err
+
+
+# --- YAML 1.1 spellings, strictness, round trips -------------------------------------------------
+
+
+def test_yaml_booleans_for_choices_become_the_spelling_meant(tmp_path):
+    path = tmp_path / "off.yaml"
+    path.write_text("sci:\n  mode: off\n", encoding="utf-8")  # YAML 1.1 reads `off` as False
+    assert load_config(path).sci.mode == "off"
+    assert load_config(None, ["sci.mode=off"]).sci.mode == "off"
+    # a boolean with no spelling among the choices is still an error, naming the boolean
+    assert config_error("logging.wandb_mode=off") == (
+        "logging.wandb_mode: False is not one of the valid choices: offline, online, disabled"
+    )
+    assert "model.fp8: expected 'delayed' | 'current' | null, got False" in config_error(
+        "model.fp8=off"
+    )
+
+
+def test_nothing_is_coerced_but_ints_and_spelled_floats_to_floats():
+    cfg = load_config(None, ["experiment.pair_rates=[0, 1e-2]", "train.max_wall_minutes=1e1"])
+    assert cfg.experiment.pair_rates == [0.0, 0.01]
+    assert all(type(r) is float for r in cfg.experiment.pair_rates)
+    assert cfg.train.max_wall_minutes == 10.0
+    assert config_error("train.lr=true") == "train.lr: expected float, got True"
+    assert config_error("train.steps=true") == "train.steps: expected int, got True"
+    assert load_config(None, ["sci.fuse=yes"]).sci.fuse is True  # YAML 1.1's own boolean
+    assert config_error("sci.fuse='true'") == "sci.fuse: expected bool (true/false), got 'true'"
+    assert config_error("run.name=5") == "run.name: expected str, got 5"
+    assert config_error("experiment.seeds=[1, x]") == "experiment.seeds[1]: expected int, got 'x'"
+
+
+def test_an_empty_section_is_the_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("model:\ntrain:\n  steps: 5\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.model == Config().model and cfg.train.steps == 5
+
+
+def test_the_first_problem_in_the_input_is_reported():
+    def first(*overrides: str) -> str:
+        return config_error(*overrides, path=None)  # keys in the order the overrides give them
+
+    assert first("train.stepz=3", "train.steps=abc").startswith("unknown key 'train.stepz'")
+    assert first("train.steps=abc", "train.stepz=3") == "train.steps: expected int, got 'abc'"
+    assert first("sci.mode=bogus", "model.seq_length=x").startswith("sci.mode: 'bogus'")
+    assert first("model.seq_length=x", "sci.mode=bogus").startswith("model.seq_length:")
+
+
+def test_non_string_keys_are_unknown_keys():
+    with pytest.raises(ConfigError, match=r"^unknown key 'train\.1'; valid keys: adam_beta1"):
+        config_from_dict({"train": {1: 2}})
+    with pytest.raises(ConfigError, match=r"^config: expected a mapping, got"):
+        config_from_dict([1])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=str)
+def test_every_shipped_config_validates_and_round_trips_exactly(path):
+    cfg = load_config(path)
+    data = config_to_dict(cfg)
+    # plain data: what checkpoints (JSON) and run directories (YAML) store
+    assert yaml.safe_load(yaml.safe_dump(data)) == data
+    assert repr(json.loads(json.dumps(data))) == repr(data)  # floats stay floats, None stays None
+    assert config_from_dict(json.loads(json.dumps(data))) == cfg
+    assert config_from_dict(data) == cfg and config_to_dict(config_from_dict(data)) == data
+
+
+def test_replace_copies_and_checks_the_changed_values():
+    cfg = Config()
+    off = cfg.replace(sci=cfg.sci.replace(mode="off"), train=cfg.train.replace(lr=1))
+    assert off.sci.mode == "off" and cfg.sci.mode == "joint"
+    assert type(off.train.lr) is float
+    with pytest.raises(ValueError):
+        cfg.train.replace(steps="10")
+
+
+def test_sizes_the_sci_branch_divides_by_are_positive():
+    assert config_error("sci.num_attention_heads=0") == (
+        "sci.num_attention_heads must be positive, got 0"
+    )
+
+
+def test_model_parallel_must_divide_the_world():
+    from sci_scale.config.layout import check_model_parallel_fits, data_parallel_size
+
+    expected = (
+        "parallel layout does not fit: parallel.tensor (2) x parallel.pipeline (2) = 4 must "
+        "divide the world size (6)"
+    )
+    with pytest.raises(ConfigError) as info:
+        check_model_parallel_fits(2, 2, 6)
+    assert str(info.value) == expected
+    cfg = load_config(None, ["parallel.tensor=2", "parallel.pipeline=2"])
+    with pytest.raises(ConfigError) as info:
+        data_parallel_size(cfg, 6)
+    assert str(info.value) == expected
+    assert data_parallel_size(cfg, 4) == 1
+
+
+def test_importing_the_config_stays_light():
+    code = "import sys, sci_scale.config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

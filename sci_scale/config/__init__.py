@@ -1,4 +1,4 @@
-"""Typed run configuration: dataclasses, YAML loading, dotted overrides, validation."""
+"""Typed run configuration: pydantic models, YAML loading, dotted overrides, validation."""
 
 from sci_scale.config.errors import ConfigError
 from sci_scale.config.loader import (
@@ -7,6 +7,7 @@ from sci_scale.config.loader import (
     config_to_dict,
     load_config,
     validate,
+    validate_implementation,
 )
 from sci_scale.config.schema import Config
 
@@ -18,4 +19,5 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "validate",
+    "validate_implementation",
 ]

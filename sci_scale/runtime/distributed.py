@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from sci_scale.config.errors import ConfigError
+from sci_scale.config.layout import check_model_parallel_fits
 from sci_scale.runtime.collective_check import install_from_env
 from sci_scale.runtime.cpu_compat import apply_cpu_compat
 from sci_scale.runtime.device import reset_current_device, resolve_device, set_current_device
@@ -49,12 +49,8 @@ def init_distributed(
     binds each rank to its own GPU. A CPU run applies megatron's CPU compatibility shims, also
     on a machine that has a GPU (``runtime.device=cpu``)."""
     rank, world, local_rank = read_dist_env()
-    if tensor * pipeline > world or world % (tensor * pipeline) != 0:
-        # Raised on every rank before any process group exists: nothing can hang on it.
-        raise ConfigError(
-            f"parallel layout does not fit: parallel.tensor ({tensor}) x parallel.pipeline "
-            f"({pipeline}) = {tensor * pipeline} must divide the world size ({world})"
-        )
+    # Raised on every rank before any process group exists: nothing can hang on it.
+    check_model_parallel_fits(tensor, pipeline, world)
     chosen = resolve_device(device, local_rank)
     if chosen.type == "cpu":
         apply_cpu_compat(force=True)
