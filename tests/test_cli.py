@@ -1,4 +1,4 @@
-"""The ``sci-scale`` command line: SCAN splits, tokenizer training, errors as one line."""
+"""The ``sci-scale`` command line: SCAN splits, tokenizers, overrides, errors as one line."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sci_scale.cli.main import main
+from sci_scale.cli.main import main, parse_args
 from sci_scale.data.corpus import stdlib_docstrings, write_jsonl_texts
 from sci_scale.data.pairs import enumerate_commands, interpret, scan_split
 from sci_scale.data.tokenizer import PAIR_SPECIAL_TOKENS, SentencePieceTokenizer
@@ -189,3 +189,126 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
     assert run_tests.startswith("bash tools/setup.sh && ")
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     assert run_tests in ci.splitlines()
+
+
+# --- dotted overrides anywhere after the command -------------------------------------------------
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def orders(command: list[str], options: list[str], first: str, second: str) -> list[list[str]]:
+    """Every place a user types two overrides: before, between and after the options, with and
+    without the config file; each line sets ``first`` before ``second``."""
+    return [
+        [*command, TINY, first, second, *options],
+        [*command, TINY, *options, first, second],
+        [*command, TINY, first, *options, second],
+        [*command, *options, TINY, first, second],
+        [*command, first, *options, second],
+        [*command, *options, first, second],
+        [*command, first, second, *options],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        (["train"], ["--resume"]),
+        (["bench"], ["--steps", "2", "--no-baseline", "--json", "figures.json"]),
+        (["submit"], ["--nodes", "2", "--dry-run", "--sbatch=--mail-type=END"]),
+        (["plan"], ["--gpu-memory", "80GiB", "--nodes", "2"]),
+        (["experiment", "ablation"], ["--out", "study", "--reevaluate"]),
+    ],
+)
+def test_overrides_parse_in_every_position(command: list[str], options: list[str]) -> None:
+    expected = parse_args([*command, TINY, *options])
+    for argv in orders(command, options, "train.steps=3", "experiment.seeds=[1,2]"):
+        args = parse_args(argv)
+        assert args.overrides == ["train.steps=3", "experiment.seeds=[1,2]"], argv
+        assert args.config == (TINY if TINY in argv else None), argv
+        options_of = {k: v for k, v in vars(args).items() if k not in ("config", "overrides")}
+        assert options_of == {
+            k: v for k, v in vars(expected).items() if k not in ("config", "overrides")
+        }, argv
+
+
+def test_an_override_value_may_hold_equals_signs_or_be_empty() -> None:
+    args = parse_args(["plan", "data.path=a=b", "--nodes", "1", "run.name="])
+    assert (args.config, args.overrides) == (None, ["data.path=a=b", "run.name="])
+
+
+def test_a_yaml_first_positional_is_the_config_even_with_an_equals_sign() -> None:
+    args = parse_args(["train", "runs/lr=1e-3/config.yaml", "--resume", "train.steps=3"])
+    assert (args.config, args.overrides) == ("runs/lr=1e-3/config.yaml", ["train.steps=3"])
+
+
+def test_submit_dry_run_takes_overrides_in_every_position(tmp_path: Path, capsys) -> None:
+    first, last = tmp_path / "first", tmp_path / "last"
+    options = ["--nodes", "1", "--gpus-per-node", "1", "--dry-run"]
+    scripts = []
+    for argv in orders(["submit"], options, f"run.dir={first}", f"run.dir={last}"):
+        assert main(argv) == 0, capsys.readouterr().err
+        scripts.append(capsys.readouterr().out)
+    assert f"RUN_DIR={last}\n" in scripts[0]  # the later override wins, wherever it stands
+    assert all(script == scripts[0] for script in scripts)
+    assert not first.exists() and not last.exists()
+
+
+def test_plan_takes_overrides_in_every_position(tmp_path: Path, capsys) -> None:
+    options = ["--nodes", "1", "--gpus-per-node", "1", "--gpu-memory", "80GiB"]
+    plans = []
+    for i, argv in enumerate(
+        orders(["plan"], options, "train.micro_batch_size=1", "train.micro_batch_size=2")
+    ):
+        out = tmp_path / f"plan{i}.json"
+        assert main([*argv, "--json", str(out)]) == 0, capsys.readouterr().err
+        plans.append(json.loads(out.read_text()))
+    single = tmp_path / "single.json"
+    assert main(["plan", TINY, "train.micro_batch_size=2", *options, "--json", str(single)]) == 0
+    assert all(plan == plans[0] for plan in plans)
+    assert plans[0] == json.loads(single.read_text())
+    assert plans[0]["micro_batch_size"] == 2  # the later override wins; tiny.yaml has 8
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["submit", TINY, "--dry-run", "--bogus", "train.steps=3"], "--bogus"),
+        (["submit", TINY, "--bogus=train.steps=3", "--dry-run"], "--bogus=train.steps=3"),
+        (["plan", TINY, "--train.steps=3"], "--train.steps=3"),
+        (["train", TINY, "train.steps=3", "junk"], "junk"),
+        (["plan", "--nodes", "1", TINY, "steps=3"], "steps=3"),
+        (["plan", "train.steps=3", "--nodes", "1", TINY], TINY),  # the config file comes first
+        (["status", "runs/tiny", "train.steps=3"], "train.steps=3"),  # takes no overrides
+        (["train", "-x"], "-x"),
+    ],
+)
+def test_what_is_neither_an_option_nor_an_override_is_an_argparse_error(
+    argv: list[str], named: str, capsys
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {named}" in err.splitlines()[-1]
+
+
+def test_status_and_help_do_not_import_torch(tmp_path: Path) -> None:
+    # A fresh interpreter: pytest itself has imported torch here.
+    code = (
+        "import json, sys\n"
+        "from sci_scale.cli.main import main\n"
+        f"assert main(['status', {str(tmp_path)!r}]) == 0\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('torch', 'megatron', 'deepspeed', 'transformers')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

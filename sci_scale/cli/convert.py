@@ -1,0 +1,71 @@
+"""``sci-scale convert``: Hugging Face <-> sci-scale checkpoints, and a logits check of the two.
+
+transformers and torch load inside the handler, so that building the parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    conv = sub.add_parser("convert", help="Hugging Face <-> sci-scale checkpoints")
+    conv_sub = conv.add_subparsers(dest="convert_command", required=True)
+    h2s = conv_sub.add_parser("hf-to-sci", help="import a Llama/Mistral/Qwen2/SmolLM2 model")
+    h2s.add_argument("--hf", required=True, help="Hugging Face model directory")
+    h2s.add_argument("--out", required=True, help="checkpoint directory to write")
+    h2s.add_argument("--tp", type=int, default=1, help="tensor-parallel size to train with")
+    h2s.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to train with")
+    h2s.add_argument("--seq-length", type=int, help="training sequence length to record")
+    h2s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    h2s.set_defaults(handler=cmd_convert)
+    s2h = conv_sub.add_parser("sci-to-hf", help="export a checkpoint as a Hugging Face model")
+    s2h.add_argument("--ckpt", required=True, help="checkpoint directory (e.g. .../step_0000300)")
+    s2h.add_argument("--out", required=True, help="Hugging Face model directory to write")
+    s2h.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    s2h.set_defaults(handler=cmd_convert)
+    ver = conv_sub.add_parser(
+        "verify", help="compare a checkpoint's logits with transformers' at a TP/PP layout"
+    )
+    ver.add_argument("--ckpt", required=True)
+    ver.add_argument("--pp", type=int, default=1, help="pipeline stages (TP = processes / pp)")
+    ver.add_argument("--hf", required=True)
+    ver.add_argument("--batch", type=int, default=2)
+    ver.add_argument("--seq", type=int, default=32)
+    ver.add_argument("--seed", type=int, default=0)
+    ver.add_argument("--tolerance", type=float, default=1e-4)
+    ver.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the HF directory's model code"
+    )
+    ver.set_defaults(handler=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from sci_scale.convert import hf
+
+    if args.convert_command == "hf-to-sci":
+        hf.hf_to_sci(args.hf, args.out, args.tp, args.pp, args.seq_length, args.dtype)
+        print(
+            f"sci-scale checkpoint {args.out}; train from it with checkpoint.init_from={args.out}"
+        )
+    elif args.convert_command == "sci-to-hf":
+        hf.sci_to_hf(args.ckpt, args.out, args.dtype)
+        print(f"Hugging Face model {args.out}")
+    else:
+        diff = hf.verify(
+            args.ckpt,
+            args.hf,
+            batch=args.batch,
+            seq=args.seq,
+            seed=args.seed,
+            trust_remote_code=args.trust_remote_code,
+            pipeline=args.pp,
+        )
+        if diff is not None:
+            ok = diff <= args.tolerance
+            print(
+                f"max |logits difference| = {diff:.3e} "
+                f"({'within' if ok else 'ABOVE'} tolerance {args.tolerance:g})"
+            )
+            return 0 if ok else 1
+    return 0
