@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,45 +31,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from sci_scale.checkpoint.index import LATEST, RUN_STATE, CheckpointError, step_dir_name
+from sci_scale.checkpoint.state import RunState, read_run_state
 from sci_scale.runtime import collectives
-from sci_scale.train.checkpoint_index import LATEST, RUN_STATE, CheckpointError, step_dir_name
 
 log = logging.getLogger(__name__)
 
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "zero"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class RunState:
-    """What besides weights and optimizer state a run needs to continue exactly."""
-
-    step: int
-    consumed_samples: int
-    world_size: int
-    config: dict[str, Any]
-    tokenizer: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "step": self.step,
-            "consumed_samples": self.consumed_samples,
-            "world_size": self.world_size,
-            "config": self.config,
-            "tokenizer": self.tokenizer,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunState:
-        return cls(
-            data["step"],
-            data["consumed_samples"],
-            data["world_size"],
-            data["config"],
-            data["tokenizer"],
-        )
 
 
 def _rank() -> int:
@@ -186,18 +154,6 @@ class CheckpointManager:
         for old in steps[: -self.keep_last]:
             if old != keep:
                 shutil.rmtree(old)
-
-
-def read_run_state(path: Path) -> RunState:
-    if not (path / RUN_STATE).exists():
-        raise CheckpointError(f"{path} is not a sci-scale checkpoint (no {RUN_STATE})")
-    state = torch.load(path / RUN_STATE, weights_only=True, map_location="cpu")
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {state.get('format_version')}, "
-            f"this sci-scale reads {FORMAT_VERSION}"
-        )
-    return RunState.from_dict(state)
 
 
 # Parts of a model a checkpoint may lack: a backbone imported from Hugging Face (or trained with

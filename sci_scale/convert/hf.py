@@ -10,19 +10,28 @@ Export loads a checkpoint whole (TP=1) and writes safetensors, ``config.json``,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from sci_scale.checkpoint.load import (
+    checkpoint_config,
+    inference_config,
+    load_whole_model,
+    sci_logits,
+    single_process,
+    tokenizer_source,
+    vocab_rows,
+    whole_model_config,
+)
+from sci_scale.checkpoint.manager import load_weights, save_weights
+from sci_scale.checkpoint.state import RunState
 from sci_scale.config import Config, config_from_dict, config_to_dict, validate
 from sci_scale.convert.hf_config import (
     HF_CONFIG_FILE,
@@ -37,12 +46,7 @@ from sci_scale.data.hf_tokenizer import TOKENIZER_FILES, HFTokenizer, is_hf_toke
 from sci_scale.data.tokenizer import load_tokenizer, tokenizer_identity
 from sci_scale.model.gpt import SCIGPTModel, model_vocab_size
 from sci_scale.model.shapes import padded_vocab_size
-from sci_scale.runtime.distributed import (
-    destroy_distributed,
-    init_distributed,
-    seed_everything,
-)
-from sci_scale.train.checkpoint import RunState, load_weights, read_run_state, save_weights
+from sci_scale.runtime.distributed import destroy_distributed, init_distributed, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -50,38 +54,6 @@ ORIGINAL_HF_CONFIG = "hf_config.json"  # kept beside an imported checkpoint for 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The transformers model class of exports whose SCI branch is fused (copied into the export).
 REMOTE_MODEL_FILE = Path(__file__).resolve().parent / "remote" / "modeling_sci_scale.py"
-
-
-@contextlib.contextmanager
-def single_process() -> Iterator[None]:
-    """A one-rank process group (TP=PP=1) for the duration, unless one exists already."""
-    import torch.distributed as dist
-
-    owned = not dist.is_initialized()
-    if owned:
-        init_distributed(1, 1, 1)
-        seed_everything(0)  # megatron's model-parallel RNG tracker must exist
-    try:
-        yield
-    finally:
-        if owned:
-            destroy_distributed()
-
-
-def whole_model_config(cfg: Config) -> Config:
-    """The same model at TP=PP=1 without ZeRO, computing in fp32: how conversions hold it."""
-    return replace(
-        cfg,
-        parallel=replace(
-            cfg.parallel,
-            tensor=1,
-            pipeline=1,
-            virtual_pipeline=1,
-            zero_stage=0,
-            sequence_parallel=False,
-        ),
-        model=replace(cfg.model, compute_dtype="fp32"),
-    )
 
 
 def import_config(
@@ -161,49 +133,6 @@ def hf_to_sci(
         time.perf_counter() - t0,
     )
     return out
-
-
-def checkpoint_config(ckpt: Path) -> tuple[Config, RunState]:
-    state = read_run_state(ckpt)
-    return config_from_dict(state.config), state
-
-
-def tokenizer_source(cfg: Config, state: RunState) -> Path | None:
-    """Where the checkpoint's tokenizer lives: an HF directory or a sentencepiece model."""
-    if cfg.data.tokenizer:
-        return Path(cfg.data.tokenizer)
-    path = state.tokenizer.get("path")
-    return Path(path) if path else None
-
-
-def checkpoint_tokenizer(cfg: Config, state: RunState) -> Any:
-    source = tokenizer_source(cfg, state)
-    if source is None or not source.exists():
-        raise UnsupportedModelError(f"the checkpoint's tokenizer {source} is gone")
-    return load_tokenizer(source)
-
-
-def vocab_rows(cfg: Config, state: RunState) -> int:
-    if cfg.model.vocab_size is not None:
-        return cfg.model.vocab_size
-    return checkpoint_tokenizer(cfg, state).vocab_size
-
-
-@dataclass
-class LoadedCheckpoint:
-    model: SCIGPTModel
-    cfg: Config
-    state: RunState
-    rows: int  # embedding rows without padding
-
-
-def load_whole_model(ckpt: Path) -> LoadedCheckpoint:
-    """A checkpoint's model at TP=PP=1 (call inside ``single_process``)."""
-    cfg, state = checkpoint_config(ckpt)
-    rows = vocab_rows(cfg, state)
-    model = SCIGPTModel(whole_model_config(cfg), vocab_size=rows)
-    load_weights(ckpt, model)
-    return LoadedCheckpoint(model, cfg, state, rows)
 
 
 def sci_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
@@ -318,18 +247,6 @@ def _copy_tokenizer(source: Path | None, out: Path) -> None:
     )
 
 
-def sci_logits(model: SCIGPTModel, tokens: torch.Tensor, rows: int) -> torch.Tensor:
-    """Full-vocabulary logits [b, s, rows] (gathered over tensor-parallel ranks)."""
-    from megatron.core import tensor_parallel
-
-    positions = torch.arange(tokens.size(1)).expand_as(tokens)
-    model.eval()
-    with torch.no_grad():
-        logits = model(tokens, positions)
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-    return logits[..., :rows].float().cpu()
-
-
 def hf_logits(hf_dir: Path, tokens: torch.Tensor, trust_remote_code: bool = False) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
@@ -350,7 +267,7 @@ def _pipeline_logits(model: SCIGPTModel, tokens: torch.Tensor, rows: int) -> tor
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
-        output = chunk(batch["tokens"], batch["position_ids"])
+        output = chunk(batch["tokens"], batch["position_ids"]).lm
         return output, lambda out, non_loss_data=False: out
 
     model.eval()
@@ -397,19 +314,7 @@ def verify(
     if world % pipeline:
         raise UnsupportedModelError(f"--pp {pipeline} does not divide {world} processes")
     tp = world // pipeline
-    cfg = replace(
-        cfg,
-        parallel=replace(
-            cfg.parallel,
-            tensor=tp,
-            pipeline=pipeline,
-            virtual_pipeline=1,
-            zero_stage=0,
-            sequence_parallel=False,
-        ),
-        # the check is against transformers in fp32
-        model=replace(cfg.model, compute_dtype="fp32"),
-    )
+    cfg = inference_config(cfg, tp, pipeline)
     validate(cfg)
     rows = vocab_rows(cfg, state)
     init_distributed(tp, pipeline, 1)

@@ -8,14 +8,18 @@ never executing code from the directory (no ``trust_remote_code``, no pickles).
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
-from sci_scale.data.tokenizer import TokenizerError, _file_sha256, _TokenizerBase
+from sci_scale.data.tokenizer_base import (
+    TokenizerBase,
+    TokenizerError,
+    id_list,
+    unique_identifiers,
+)
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_FILES = (
@@ -39,7 +43,7 @@ def _token_id(tok: Tokenizer, value: Any) -> int | None:
     return tok.token_to_id(value) if isinstance(value, str) else None
 
 
-class HFTokenizer(_TokenizerBase):
+class HFTokenizer(TokenizerBase):
     """``tokenizer.json`` + ``tokenizer_config.json`` of a Hugging Face model directory.
 
     ``eod`` is the model's eos token (documents are packed with it, as the backbone saw them).
@@ -80,13 +84,7 @@ class HFTokenizer(_TokenizerBase):
                 f"{root}: no pad token distinct from eos; add one to tokenizer_config.json"
             )
         self._pad = pad
-        self.unique_identifiers: OrderedDict[str, str] = OrderedDict(
-            [
-                ("class", f"{type(self).__module__}.{type(self).__qualname__}"),
-                ("tokenizer_path", str(path)),
-                ("sha256", _file_sha256(path)),
-            ]
-        )
+        self.unique_identifiers = unique_identifiers(self, path)
 
     def tokenize(self, text: str) -> list[int]:
         """Text to ids, without bos or eos (the caller adds eod between documents)."""
@@ -97,8 +95,7 @@ class HFTokenizer(_TokenizerBase):
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def detokenize(self, ids: Sequence[int] | Any) -> str:
-        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
-        return self._tok.decode(ids, skip_special_tokens=True)
+        return self._tok.decode(id_list(ids), skip_special_tokens=True)
 
     def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} is used for pretraining text only")

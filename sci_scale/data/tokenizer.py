@@ -12,35 +12,30 @@ Training choices follow what makes a pretraining tokenizer lossless and reproduc
 
 Fixed ids: pad 0, unk 1, bos 2, eos 3 (eos is the end-of-document token megatron calls ``eod``),
 then ``PAIR_SPECIAL_TOKENS`` from 4 in order, then the 256 byte pieces, then learned pieces.
+
+``load_tokenizer`` opens whichever kind a path names: such a model, or a Hugging Face backbone's
+own tokenizer (``hf_tokenizer``), so callers never need to know which a run used.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tempfile
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
 
-from sci_scale.errors import UserError
-
-try:  # megatron-core >= 0.14 types GPTDatasetConfig.tokenizer as this base.
-    from megatron.core.tokenizers import MegatronTokenizerBase as _TokenizerBase
-except ImportError:  # pragma: no cover - older or absent megatron: the duck-typed surface stays
-
-    class _TokenizerBase:  # type: ignore[no-redef]
-        """Stand-in with the base's constructor contract: path plus config attributes."""
-
-        def __init__(self, path: str, config: dict, **kwargs: Any) -> None:
-            self.path = path
-            for key, value in config.items():
-                setattr(self, key, value)
-
+from sci_scale.data.hf_tokenizer import TOKENIZER_FILE, HFTokenizer, is_hf_tokenizer_dir
+from sci_scale.data.tokenizer_base import (
+    TokenizerBase,
+    TokenizerError,
+    file_sha256,
+    id_list,
+    unique_identifiers,
+)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -53,16 +48,6 @@ MODEL_TYPES = ("bpe", "unigram")
 # Sentencepiece silently drops training sentences longer than max_sentence_length bytes; long
 # documents are cut at line breaks into chunks of at most this size instead of being lost.
 _MAX_SENTENCE_BYTES = 16384
-
-
-class TokenizerError(UserError, ValueError):
-    """A tokenizer cannot be trained or loaded as asked (a user error, not a bug)."""
-
-
-def _file_sha256(path: Path) -> str:
-    """Content hash, so a retrained tokenizer at the same path is still told apart."""
-    with path.open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def _chunks(text: str, limit: int) -> Iterator[str]:
@@ -169,10 +154,10 @@ def train_sentencepiece(
 def tokenizer_identity(path: str | Path) -> dict[str, str]:
     """Which tokenizer a run used, for checkpoints: where it was and exactly what it was."""
     path = Path(path)
-    return {"path": str(path.resolve()), "sha256": _file_sha256(path)}
+    return {"path": str(path.resolve()), "sha256": file_sha256(path)}
 
 
-class SentencePieceTokenizer(_TokenizerBase):
+class SentencePieceTokenizer(TokenizerBase):
     """A sentencepiece model with the surface megatron-core's GPT datasets read.
 
     ``tokenize`` adds neither bos nor eos: as in megatron's preprocessing, documents are
@@ -192,13 +177,7 @@ class SentencePieceTokenizer(_TokenizerBase):
                     f"{path}: the model has no {name} piece; sci-scale needs both eos (end of "
                     "document) and pad. Train one with train_sentencepiece."
                 )
-        self.unique_identifiers: OrderedDict[str, str] = OrderedDict(
-            [
-                ("class", f"{type(self).__module__}.{type(self).__qualname__}"),
-                ("tokenizer_path", str(path)),
-                ("sha256", _file_sha256(path)),
-            ]
-        )
+        self.unique_identifiers = unique_identifiers(self, path)
 
     def tokenize(self, text: str) -> list[int]:
         """Text to ids, without bos or eos."""
@@ -210,8 +189,7 @@ class SentencePieceTokenizer(_TokenizerBase):
 
     def detokenize(self, ids: Sequence[int] | Any) -> str:
         """Ids (a list, numpy array or tensor) to text; control ids (pad, bos, eos) vanish."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
-        return self._sp.decode(ids)
+        return self._sp.decode(id_list(ids))
 
     def token_to_id(self, piece: str) -> int:
         """The id of one piece, e.g. a pair token; KeyError when the model lacks it."""
@@ -255,16 +233,11 @@ class SentencePieceTokenizer(_TokenizerBase):
         return self._sp.unk_id()
 
 
-TOKENIZER_JSON = "tokenizer.json"
-
-
 def load_tokenizer(spec: str | Path) -> Any:
     """A sentencepiece ``.model`` file, or a Hugging Face model directory (or its
     ``tokenizer.json``)."""
-    from sci_scale.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
-
     path = Path(spec)
-    if path.name == TOKENIZER_JSON and path.is_file():  # what a checkpoint's identity records
+    if path.name == TOKENIZER_FILE and path.is_file():  # what a checkpoint's identity records
         path = path.parent
     if path.is_dir():
         if not is_hf_tokenizer_dir(path):

@@ -1,1 +1,2 @@
-"""Evaluation: SCI representation metrics (more to come: SCAN/COGS generalization, perplexity)."""
+"""Evaluation: SCI representation metrics, held-out perplexity, SCAN/COGS exact match, the
+structural probe, and the suite that runs them on a checkpoint."""

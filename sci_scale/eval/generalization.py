@@ -118,7 +118,7 @@ class GreedyGenerator:
     def _decode_batch(
         self, ids: torch.Tensor, targets: list[list[str]] | None = None
     ) -> list[list[int]]:
-        from sci_scale.convert.hf import sci_logits
+        from sci_scale.checkpoint.load import sci_logits
 
         out: list[list[int]] = [[] for _ in range(len(ids))]
         active = list(range(len(ids)))  # which output each row of ``ids`` extends

@@ -40,7 +40,7 @@ def perplexity(
             def stack(key: str, batch: list[dict[str, Any]] = batch) -> torch.Tensor:
                 return torch.stack([torch.as_tensor(b[key]) for b in batch])
 
-            losses = model(stack("tokens"), stack("position_ids"), labels=stack("labels"))
+            losses = model(stack("tokens"), stack("position_ids"), labels=stack("labels")).lm
             mask = stack("loss_mask").float().to(losses.device)
             total += float((losses.float() * mask).sum())
             count += int(mask.sum())

@@ -72,25 +72,22 @@ def probe_embeddings(
                     templates = torch.full((len(idx), MAX_EXAMPLES), -1, dtype=torch.long)
                     templates[:, 0] = torch.as_tensor([examples[i].template_id for i in idx])
                     captured.clear()
-                    if has_branch:
-                        model.collected = []
-                    model(
+                    output = model(
                         tokens,
                         positions,
                         example_ids=torch.zeros_like(tokens),
                         template_ids=templates,
+                        collect_sci_embeddings=has_branch,
                     )
                     hidden = captured[-1].float().mean(dim=0).cpu()  # [s, b, h] -> [b, h]
                     for row, i in enumerate(idx):
                         backbone[i] = hidden[row]
                     if has_branch:
-                        z = torch.cat([c[0] for c in model.collected])
+                        z = output.sci.embeddings
                         for row, i in enumerate(idx):
                             sci[i] = z[row]
     finally:
         hook.remove()
-        if has_branch:
-            model.collected = None
     template_ids = torch.as_tensor([ex.template_id for ex in examples])
     return ProbeEmbeddings(
         F.normalize(torch.stack(backbone), dim=-1),

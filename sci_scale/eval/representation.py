@@ -1,11 +1,12 @@
-"""SCI health metrics on embeddings with known templates (formulas: reference/sci.md).
+"""SCI health metrics on embeddings with known templates (formulas below; the logged keys and
+how to read them: docs/evaluation.md).
 
 Given L2-normalised embeddings z [N, d] and the template id of each example:
 - alignment: mean over positive pairs (same template) of ||z_x - z_y||^2 (lower: tighter);
 - uniformity: log of the mean over all pairs of exp(-2 ||z_x - z_y||^2) (lower: more spread);
 - RankMe: exp of the entropy of the normalised singular values of Z (1: collapsed, d: full);
-- participation ratio of the covariance eigenvalues;
-- alpha-ReQ: the slope of log eigenvalue against log rank (alpha >> 1: collapse);
+- participation ratio of the covariance eigenvalues lambda: (sum lambda)^2 / sum lambda^2;
+- alpha-ReQ: minus the least-squares slope of log eigenvalue against log rank (>> 1: collapse);
 - cosine gap: mean positive cosine minus mean negative cosine, and the AUROC of cosine as a
   positive/negative classifier;
 - retrieval: for each anchor, its gallery is every other example; a hit is a same-template

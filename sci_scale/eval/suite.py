@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sci_scale.checkpoint.load import (
+    LoadedCheckpoint,
+    checkpoint_tokenizer,
+    load_whole_model,
+    single_process,
+)
 from sci_scale.data.pipeline import heldout_corpus, pair_examples, tokenize_examples
 from sci_scale.eval import generalization as gen
 from sci_scale.eval.perplexity import perplexity
@@ -38,7 +44,9 @@ def token_budget(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> int:
     return max(lengths, default=0) + 2
 
 
-def _exact_match(loaded: Any, tokenizer: Any, plan: EvalPlan, task: str, pairs) -> gen.EvalResult:
+def _exact_match(
+    loaded: LoadedCheckpoint, tokenizer: Any, plan: EvalPlan, task: str, pairs
+) -> gen.EvalResult:
     budget = plan.max_new_tokens or token_budget(tokenizer, pairs)
     generate = gen.GreedyGenerator(
         loaded.model, tokenizer, loaded.rows, budget, plan.batch_size, plan.progress
@@ -47,10 +55,10 @@ def _exact_match(loaded: Any, tokenizer: Any, plan: EvalPlan, task: str, pairs) 
 
 
 def evaluate_checkpoint(
-    loaded: Any, tokenizer: Any, plan: EvalPlan, cache: Path
+    loaded: LoadedCheckpoint, tokenizer: Any, plan: EvalPlan, cache: Path
 ) -> dict[str, float]:
-    """Figures of a :class:`~sci_scale.convert.hf.LoadedCheckpoint` (inside ``single_process``);
-    ``cache`` holds the tokenized held-out corpus."""
+    """Figures of a loaded checkpoint (inside ``single_process``); ``cache`` holds the
+    tokenized held-out corpus."""
     cfg, out = loaded.cfg, {}
     if plan.ppl_blocks:
         blocks = heldout_corpus(cfg, cache, tokenizer)  # one pass, shuffled
@@ -100,15 +108,11 @@ def evaluate_checkpoint_dir(
 ) -> dict[str, float]:
     """Load a checkpoint in one process and evaluate it; ``corpus``: a JSONL file whose whole
     text is the perplexity slice instead of the run's own test share."""
-    from dataclasses import replace
-
-    from sci_scale.convert.hf import checkpoint_tokenizer, load_whole_model, single_process
-
     with single_process():
         loaded = load_whole_model(ckpt)
         tokenizer = checkpoint_tokenizer(loaded.cfg, loaded.state)
         if corpus:
-            data = replace(loaded.cfg.data, corpus="jsonl", corpus_paths=[corpus],
-                           split="0,0,1", max_docs=None)  # fmt: skip
-            loaded.cfg = replace(loaded.cfg, data=data)
+            data = loaded.cfg.data.replace(corpus="jsonl", corpus_paths=[corpus],
+                                           split="0,0,1", max_docs=None)  # fmt: skip
+            loaded.cfg = loaded.cfg.replace(data=data)
         return evaluate_checkpoint(loaded, tokenizer, plan, eval_cache_dir(loaded.cfg, ckpt))

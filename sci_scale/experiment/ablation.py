@@ -26,15 +26,16 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sci_scale.checkpoint.index import latest_checkpoint
 from sci_scale.config.loader import config_to_dict, override_config
 from sci_scale.config.schema import Config
 from sci_scale.data.pairs import scan_split
 from sci_scale.errors import UserError
-from sci_scale.train.checkpoint_index import latest_checkpoint
+from sci_scale.experiment.report import write_report
+from sci_scale.experiment.variants import Variant, ablation_variants
 
 log = logging.getLogger(__name__)
 
@@ -43,45 +44,6 @@ RESULTS_DIR = "results"
 
 class ExperimentError(UserError, RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class Variant:
-    key: str
-    label: str
-    sci_mode: str
-    pair_rate: float
-    sci_only_first: bool = False
-
-    @property
-    def has_branch(self) -> bool:
-        return self.sci_mode != "off"
-
-
-def percent(rate: float) -> str:
-    return f"{rate * 100:g}%"
-
-
-def ablation_variants(cfg: Config) -> list[Variant]:
-    e = cfg.experiment
-    out = [
-        Variant("vanilla", "vanilla LM", "off", 0.0),
-        Variant("pairs_no_scl", f"LM + {percent(e.pair_rate)} pairs, no SCL", "off", e.pair_rate),
-    ]
-    out += [
-        Variant(f"sci_joint_{percent(r)[:-1]}pct", f"SCI joint, {percent(r)} pairs", "joint", r)
-        for r in e.pair_rates
-    ]
-    out.append(
-        Variant(
-            "sci_frozen",
-            f"SCI frozen after SCI-only, {percent(e.pair_rate)} pairs",
-            "frozen",
-            e.pair_rate,
-            sci_only_first=True,
-        )
-    )
-    return out
 
 
 def cogs_eval_file(cfg: Config) -> Path | None:
@@ -244,8 +206,6 @@ def run_ablation(cfg: Config, out: Path, command: str = "", reevaluate: bool = F
     """Train, evaluate and report; returns the path of ``REPORT.md``. ``reevaluate``: score
     the final checkpoints of finished runs again (after changing ``experiment`` evaluation
     settings) instead of reading their figures back; nothing is retrained."""
-    from sci_scale.experiment.report import write_report
-
     out.mkdir(parents=True, exist_ok=True)
     ablation = Ablation(cfg, out)
     (out / "config.json").write_text(json.dumps(config_to_dict(ablation.cfg), indent=2) + "\n")

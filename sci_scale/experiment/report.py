@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sci_scale.config.schema import Config
-from sci_scale.experiment.ablation import Variant, percent
+from sci_scale.experiment.variants import Variant, percent
 
 Record = dict[str, Any]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
+from sci_scale.checkpoint.index import checkpoint_step, latest_checkpoint
 from sci_scale.config.errors import ConfigError
 from sci_scale.launch.slurm import job_ids, job_state
-from sci_scale.train.checkpoint_index import checkpoint_step, latest_checkpoint
 from sci_scale.train.metrics import METRICS_FILE
 
 
