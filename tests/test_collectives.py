@@ -121,7 +121,7 @@ def test_trainer_places_everything_on_the_runtime_device(
 
         return forward
 
-    monkeypatch.setattr("sci_scale.train.trainer.make_forward_step", recording_forward_step)
+    monkeypatch.setattr("sci_scale.train.schedule.make_forward_step", recording_forward_step)
     trainer = Trainer(make_config("train.steps=1", "runtime.device=cpu"))
     try:
         trainer.setup()

@@ -9,7 +9,7 @@ import torch
 from sci_scale.config import Config
 from sci_scale.data.blocks import pack_block
 from sci_scale.data.loader import collate
-from sci_scale.model.gpt import SCIGPTModel
+from sci_scale.model.gpt import ModelOutput, SCIGPTModel
 from sci_scale.runtime.distributed import destroy_distributed, init_distributed, seed_everything
 
 VOCAB = 300
@@ -39,8 +39,13 @@ def pair_batch(seq: int, blocks: int = 2, seed: int = 0) -> dict[str, torch.Tens
     return collate(samples)
 
 
-def run(model: SCIGPTModel, batch: dict[str, torch.Tensor], labels: bool = True) -> torch.Tensor:
-    """Per-token LM loss (``labels``) or logits of a batch in the block format."""
+def forward(
+    model: SCIGPTModel,
+    batch: dict[str, torch.Tensor],
+    labels: bool = True,
+    scl_weight: float = 0.0,
+) -> ModelOutput:
+    """The model's output for a batch in the block format."""
     return model(
         batch["tokens"],
         batch["position_ids"],
@@ -48,7 +53,18 @@ def run(model: SCIGPTModel, batch: dict[str, torch.Tensor], labels: bool = True)
         loss_mask=batch["loss_mask"] if labels else None,
         example_ids=batch["example_ids"],
         template_ids=batch["template_ids"],
+        scl_weight=scl_weight,
     )
+
+
+def run(
+    model: SCIGPTModel,
+    batch: dict[str, torch.Tensor],
+    labels: bool = True,
+    scl_weight: float = 0.0,
+) -> torch.Tensor:
+    """Per-token LM loss (``labels``) or logits of a batch in the block format."""
+    return forward(model, batch, labels, scl_weight).lm
 
 
 def logits(model: SCIGPTModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -97,11 +113,10 @@ def test_one_step_opens_the_gate_and_scl_reaches_sci(make_config) -> None:
     cfg = make_config()
     model = build(cfg)
     model.train()
-    model.scl_scale = 1.0
     optimizer = build_optimizer(model, cfg)
     batch = pair_batch(cfg.model.seq_length)
-    per_token = run(model, batch)
-    (records,) = model.take_records()
+    output = forward(model, batch, scl_weight=1.0)
+    per_token, records = output.lm, output.sci
     assert records.num_anchors == 8 and records.scl > 0
     (per_token * batch["loss_mask"]).sum().backward()
     assert torch.count_nonzero(model.sci.gate.grad) > 0
@@ -114,7 +129,7 @@ def test_one_step_opens_the_gate_and_scl_reaches_sci(make_config) -> None:
     assert torch.count_nonzero(model.sci.gate) > 0
 
     optimizer.zero_grad()
-    run(model, batch).sum().backward()
+    run(model, batch, scl_weight=1.0).sum().backward()
     assert torch.count_nonzero(model.sci.proj_out.weight.grad) > 0  # the open gate lets it learn
 
 
@@ -127,9 +142,7 @@ def test_scl_alone_trains_the_encoder_when_not_fused(make_config) -> None:
 
     def encoder_grads(scale: float) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
-        model.scl_scale = scale
-        out = run(model, batch)
-        model.take_records()
+        out = run(model, batch, scl_weight=scale)
         out.sum().backward()
         return [
             torch.zeros_like(p) if p.grad is None else p.grad.clone()
@@ -152,7 +165,7 @@ def test_modes_freeze_the_right_parts(make_config) -> None:
     assert not any(p.requires_grad for p in frozen.sci.encoder.parameters())
     assert frozen.sci.gate.requires_grad  # the fusion still adapts to the fixed encoder
     assert all(p.requires_grad for p in frozen.gpt.parameters())
-    assert not frozen.scl_trains and sci_only.scl_trains and not sci_only.lm_trains
+    assert not frozen.sci.trains_scl and sci_only.sci.trains_scl and not sci_only.lm_trains
 
 
 def test_example_mask_blocks_partners(make_config) -> None:

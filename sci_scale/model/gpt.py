@@ -11,13 +11,10 @@ exactly as megatron ships them. The SCL gradient rides on the same hidden states
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnMaskType
@@ -27,11 +24,8 @@ from torch import Tensor
 
 from sci_scale.config.errors import ConfigError
 from sci_scale.config.schema import Config
-from sci_scale.losses.aux import attach_aux_loss
-from sci_scale.losses.gather import gather_examples, max_example_count
-from sci_scale.losses.scl import SCLOutput, Temperature, supervised_contrastive_loss
 from sci_scale.model.init import check_constant_vectors, initialize_layout_independent
-from sci_scale.model.sci_branch import SCIBranch
+from sci_scale.model.sci_branch import SCI_ATTRIBUTE, SCIBranch, SCIContribution, SCIStats
 from sci_scale.model.shapes import llama_ffn_size, padded_vocab_size
 from sci_scale.model.specs import (
     TE,
@@ -150,18 +144,21 @@ def recompute_settings(mode: str) -> dict[str, object]:
     return {}
 
 
-@dataclass
-class SCIStepRecord:
-    """What one micro-batch's SCI branch produced, for logging."""
+class ModelOutput(NamedTuple):
+    """What one forward returns.
 
-    scl: float
-    num_anchors: int
-    pos_cos: float
-    neg_cos: float
+    ``lm``: the per-token LM loss [b, s] when labels are given, the logits [b, s, vocab_padded
+    / tp] otherwise; on a pipeline stage before the last, the hidden states the schedule sends
+    on. ``sci``: the SCI branch's statistics for this micro-batch (first stage, when the
+    branch computed its SCL), else None. The SCL's gradient is already attached to the hidden
+    states with the weight passed to the forward."""
+
+    lm: Tensor
+    sci: SCIStats | None = None
 
 
 class SCIGPTModel(MegatronModule):
-    """megatron ``GPTModel`` + SCI branch + SCL. ``sci.mode == "off"`` builds no branch."""
+    """megatron ``GPTModel`` + the SCI component (``sci.mode == "off"`` builds none)."""
 
     def __init__(
         self,
@@ -191,17 +188,14 @@ class SCIGPTModel(MegatronModule):
         # argument, the branch's plain torch modules through the device context.
         with device:
             self._build(cfg, config, impl, vocab_size, pre_process, post_process, vp_stage)
-        self.scl_scale = 0.0  # alpha / num_microbatches, set by the trainer every step
-        self.records: list[SCIStepRecord] = []
-        # None, or a list that forward passes append (z, template ids) to (see Trainer.evaluate)
-        self.collected: list[tuple[Tensor, Tensor]] | None = None
-        self._pending: tuple[Tensor | None, SCLOutput | None] | None = None
+        # The SCI contribution waiting for the fusion layer's pre-hook, within one forward.
+        self._pending: tuple[SCIContribution, float] | None = None
         check_constant_vectors(self)
         initialize_layout_independent(
             self,
             seed=cfg.train.seed,
             std=cfg.model.init_method_std,
-            layers={"sci.": cfg.sci.num_layers, "": cfg.model.num_layers},
+            layers={f"{SCI_ATTRIBUTE}.": cfg.sci.num_layers, "": cfg.model.num_layers},
         )
         self.apply_mode()
 
@@ -233,103 +227,49 @@ class SCIGPTModel(MegatronModule):
         )
         if cfg.model.rope_scaling_factor is not None:
             apply_llama3_rope_scaling(self.gpt.rotary_pos_emb, cfg)
-        s = cfg.sci
         self.sci: SCIBranch | None = None
-        if s.mode != "off" and pre_process:
-            self.sci = SCIBranch(s, config, impl)
-            self.temperature = Temperature(s.tau, s.learnable_tau, s.tau_min, s.tau_max)
-            if s.fuse_layer > 0:
-                layer = self.gpt.decoder.layers[s.fuse_layer]
-                layer.register_forward_pre_hook(self._inject_hook, with_kwargs=True)
+        if cfg.sci.mode != "off" and pre_process:
+            self.sci = SCIBranch(cfg.sci, config, impl)
+            if cfg.sci.fuse_layer > 0:
+                layer = self.gpt.decoder.layers[cfg.sci.fuse_layer]
+                layer.register_forward_pre_hook(self._fusion_hook, with_kwargs=True)
 
     # -- modes ---------------------------------------------------------------------------
     def apply_mode(self) -> None:
-        """Freeze what ``sci.mode`` says is fixed."""
-        mode = self.cfg.sci.mode
+        """Freeze what ``sci.mode`` says is fixed: the backbone (sci_only) or the branch."""
         if self.sci is None:
             return
-        if mode == "sci_only":
+        if self.cfg.sci.mode == "sci_only":
             for p in self.gpt.parameters():
                 p.requires_grad_(False)
-        if mode == "frozen":
-            for module in (self.sci.proj_in, self.sci.encoder, self.sci.head, self.temperature):
-                for p in module.parameters():
-                    p.requires_grad_(False)
-            if self.cfg.sci.pooling == "attention":
-                self.sci.pool_query.requires_grad_(False)
-
-    @property
-    def scl_trains(self) -> bool:
-        return self.sci is not None and self.cfg.sci.mode in ("joint", "sci_only")
+        self.sci.apply_mode()
 
     @property
     def lm_trains(self) -> bool:
+        """Whether the LM loss is optimised (every mode but sci_only)."""
         return self.cfg.sci.mode != "sci_only"
 
     # -- megatron hooks ------------------------------------------------------------------
     def set_input_tensor(self, input_tensor: Any) -> None:
         self.gpt.set_input_tensor(input_tensor)
 
-    def _inject(self, hidden: Tensor) -> Tensor:
-        if self._pending is None:
+    def _join_pending(self, hidden: Tensor) -> Tensor:
+        if self._pending is None or self.sci is None:
             return hidden
-        fusion, scl = self._pending
+        contribution, scl_weight = self._pending
         self._pending = None
-        if fusion is not None:
-            hidden = hidden + fusion
-        if scl is not None and self.scl_trains and scl.loss.requires_grad:
-            # Attached even when this rank has no anchor of its own: with data parallelism the
-            # backward of the embedding all-gather is a collective every rank must enter.
-            hidden = attach_aux_loss(hidden, scl.loss, self.scl_scale)
-        return hidden
+        return self.sci.join(hidden, contribution, scl_weight)
 
-    def _inject_hook(
+    def _fusion_hook(
         self, _module: torch.nn.Module, args: tuple, kwargs: dict
     ) -> tuple[tuple, dict]:
         if "hidden_states" in kwargs:
-            kwargs["hidden_states"] = self._inject(kwargs["hidden_states"])
+            kwargs["hidden_states"] = self._join_pending(kwargs["hidden_states"])
         else:
-            args = (self._inject(args[0]), *args[1:])
+            args = (self._join_pending(args[0]), *args[1:])
         return args, kwargs
 
     # -- forward -------------------------------------------------------------------------
-    def _run_sci(
-        self, embeddings: Tensor, example_ids: Tensor, template_ids: Tensor | None
-    ) -> tuple[Tensor | None, SCLOutput | None]:
-        assert self.sci is not None
-        local_count = 0 if template_ids is None else int((template_ids >= 0).sum())
-        dp_group = self._dp_group()
-        n_max = local_count if dp_group is None else max_example_count(local_count, dp_group)
-        if not self.cfg.sci.fuse and n_max == 0:
-            return None, None  # nothing to fuse and nothing to contrast: skip the branch
-        states = self.sci.encode(embeddings, example_ids)
-        fusion = self._sequence_shard(self.sci.fusion(states)) if self.cfg.sci.fuse else None
-        if n_max == 0:
-            return fusion, None
-        assert template_ids is not None
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.scl_trains):
-            z, templates = self.sci.embed(states, example_ids, template_ids)
-            if self.collected is not None:  # eval: keep this rank's embeddings for the metrics
-                self.collected.append((z.detach().float().cpu(), templates.detach().cpu()))
-            if dp_group is None:
-                scl = supervised_contrastive_loss(z, templates, self.temperature())
-            else:
-                g = gather_examples(z, templates, n_max, dp_group)
-                scl = supervised_contrastive_loss(
-                    g.z, g.templates, self.temperature(), anchors=g.local, ranks=dp_group.size()
-                )
-        self.records.append(
-            SCIStepRecord(float(scl.loss.detach()), scl.num_anchors, scl.pos_cos, scl.neg_cos)
-        )
-        return fusion, scl
-
-    @staticmethod
-    def _dp_group():
-        """The data-parallel group when there is more than one data-parallel rank."""
-        if not dist.is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
-            return None
-        return parallel_state.get_data_parallel_group()
-
     def forward(
         self,
         input_ids: Tensor,
@@ -338,8 +278,11 @@ class SCIGPTModel(MegatronModule):
         loss_mask: Tensor | None = None,
         example_ids: Tensor | None = None,
         template_ids: Tensor | None = None,
-    ) -> Tensor:
-        """Per-token LM loss [b, s] with labels, else logits [b, s, vocab_padded / tp].
+        scl_weight: float = 0.0,
+        collect_sci_embeddings: bool = False,
+    ) -> ModelOutput:
+        """One micro-batch; ``scl_weight`` multiplies the SCL's gradient (the trainer passes
+        ``alpha / num_microbatches``), ``collect_sci_embeddings`` returns the branch's z.
 
         Inputs are moved to the model's device (a no-op for the trainer's batches, which are
         there already); the forward runs under autocast at ``model.compute_dtype``."""
@@ -352,65 +295,31 @@ class SCIGPTModel(MegatronModule):
             dtype=self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
         ):
-            return self._forward(
-                input_ids, position_ids, labels, loss_mask, example_ids, template_ids
-            )
-
-    def _forward(
-        self,
-        input_ids: Tensor,
-        position_ids: Tensor,
-        labels: Tensor | None,
-        loss_mask: Tensor | None,
-        example_ids: Tensor | None,
-        template_ids: Tensor | None,
-    ) -> Tensor:
-        decoder_input = None
-        if self.pre_process:
-            decoder_input = self.gpt.embedding(input_ids=input_ids, position_ids=position_ids)
-            if self.sci is not None:
-                if example_ids is None:
-                    example_ids = torch.zeros_like(input_ids)
-                self._pending = self._run_sci(
-                    self._whole_sequence(decoder_input), example_ids, template_ids
+            decoder_input, sci_stats = None, None
+            if self.pre_process:
+                decoder_input = self.gpt.embedding(input_ids=input_ids, position_ids=position_ids)
+                if self.sci is not None:
+                    if example_ids is None:
+                        example_ids = torch.zeros_like(input_ids)
+                    contribution = self.sci.contribute(
+                        decoder_input, example_ids, template_ids, collect_sci_embeddings
+                    )
+                    sci_stats = contribution.stats
+                    self._pending = (contribution, scl_weight)
+                    if self.cfg.sci.fuse_layer == 0:
+                        decoder_input = self._join_pending(decoder_input)
+            try:
+                lm = self.gpt(
+                    input_ids,
+                    position_ids,
+                    attention_mask=None,
+                    decoder_input=decoder_input,
+                    labels=labels,
+                    loss_mask=loss_mask,
                 )
-                if self.cfg.sci.fuse_layer == 0:
-                    decoder_input = self._inject(decoder_input)
-        try:
-            return self.gpt(
-                input_ids,
-                position_ids,
-                attention_mask=None,
-                decoder_input=decoder_input,
-                labels=labels,
-                loss_mask=loss_mask,
-            )
-        finally:
-            self._pending = None
-
-    def _whole_sequence(self, embeddings: Tensor) -> Tensor:
-        """The branch sees whole examples: with sequence parallelism the embedding output is
-        sharded over the sequence, so it is gathered (its gradient, identical on every
-        tensor rank, is split back rather than summed)."""
-        if not self.config.sequence_parallel:
-            return embeddings
-        return tensor_parallel.gather_from_sequence_parallel_region(
-            embeddings, tensor_parallel_output_grad=False
-        )
-
-    def _sequence_shard(self, fusion: Tensor) -> Tensor:
-        if not self.config.sequence_parallel:
-            return fusion
-        return tensor_parallel.scatter_to_sequence_parallel_region(fusion)
-
-    def take_records(self) -> list[SCIStepRecord]:
-        records, self.records = self.records, []
-        return records
-
-    def sharded_state_dict(
-        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
-    ) -> dict:
-        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+            finally:
+                self._pending = None
+        return ModelOutput(lm, sci_stats)
 
 
 class ModelChunks(torch.nn.ModuleList):

@@ -16,12 +16,29 @@ packed sequences (THD, ``cu_seqlens``) for its varlen kernels. Both keep memory 
 sequence length, where a dense ``[b, 1, s, s]`` mask costs 64 M entries per sample at seq 8192,
 and both let flash/fused kernels run. The branch is still one call of one ``TransformerBlock``,
 so ZeRO-3's per-module parameter gathers stay in step across data-parallel ranks.
+
+The branch is one component with an explicit interface towards the model and the trainer:
+
+- what it adds to the forward: :meth:`SCIBranch.contribute` turns the shared embeddings of a
+  micro-batch into an :class:`SCIContribution` (the gated fusion for the residual stream and the
+  SCL), and :meth:`SCIBranch.join` adds it to the hidden states at ``sci.fuse_layer``;
+- the auxiliary loss: the SCL rides on the joined hidden states (``losses.aux``) with the weight
+  the caller passes for the step, and is reported in the model's output as :class:`SCIStats`;
+- the parameters it owns (encoder, heads, gate, temperature): :func:`is_sci_parameter` names
+  them for optimizer groups and parameter counts, :meth:`SCIBranch.apply_mode` freezes them;
+- the metrics: :class:`SCIStats` per micro-batch (SCL, anchors, positive/negative cosine, and
+  the embeddings on request), summarised by ``train.sci_health``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
@@ -31,8 +48,45 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from sci_scale.config.schema import SciSection
+from sci_scale.losses.aux import attach_aux_loss
+from sci_scale.losses.gather import gather_examples, max_example_count
+from sci_scale.losses.scl import SCLOutput, Temperature, supervised_contrastive_loss
 from sci_scale.model.attention import ExampleLayout, example_layout
 from sci_scale.model.specs import Implementation, kernel_fusion_flags, layer_spec
+
+# Where the SCI component sits in the model: every parameter under this attribute is its own.
+SCI_ATTRIBUTE = "sci"
+
+
+def is_sci_parameter(name: str) -> bool:
+    """Whether a parameter (by its name in the model, chunk prefixes allowed) is the branch's."""
+    return f".{SCI_ATTRIBUTE}." in f".{name}"
+
+
+class SCIStats(NamedTuple):
+    """What the branch measured on one micro-batch: detached values, for metrics only.
+
+    ``scl`` is this rank's share of the (global, with data parallelism) SCL; ``embeddings`` and
+    ``templates`` are this rank's L2-normalised z and their template ids, on the CPU, when the
+    caller asked for them (evaluation)."""
+
+    scl: float
+    num_anchors: int
+    pos_cos: float
+    neg_cos: float
+    embeddings: Tensor | None = None
+    templates: Tensor | None = None
+
+
+@dataclass
+class SCIContribution:
+    """What the branch adds to one micro-batch's forward: the gated fusion for the residual
+    stream (sequence-sharded like it under sequence parallelism), the differentiable SCL, and
+    its statistics. Each part is None when the micro-batch does not produce it."""
+
+    fusion: Tensor | None = None
+    scl: SCLOutput | None = None
+    stats: SCIStats | None = None
 
 
 def example_attention_mask(example_ids: Tensor) -> Tensor:
@@ -88,6 +142,8 @@ class SCIBranch(MegatronModule):
         super().__init__(config=config)
         self.sci = sci
         self.use_te = impl.use_te
+        # The backbone's embedding output is sequence-sharded under sequence parallelism.
+        self.sequence_parallel = backbone_config.sequence_parallel
         spec = layer_spec(impl, AttnMaskType.causal)
         hidden = backbone_config.hidden_size
         dtype = backbone_config.params_dtype
@@ -109,6 +165,104 @@ class SCIBranch(MegatronModule):
             torch.nn.init.normal_(module.weight, std=backbone_config.init_method_std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
+        self.temperature = Temperature(sci.tau, sci.learnable_tau, sci.tau_min, sci.tau_max)
+
+    # -- the parameters it owns -------------------------------------------------------------
+    @property
+    def trains_scl(self) -> bool:
+        """Whether the SCL's gradient is applied (``sci.mode`` joint or sci_only)."""
+        return self.sci.mode in ("joint", "sci_only")
+
+    def apply_mode(self) -> None:
+        """``sci.mode=frozen``: the branch keeps its weights; only the fusion (gate and output
+        projection) learns from the LM loss."""
+        if self.sci.mode != "frozen":
+            return
+        for module in (self.proj_in, self.encoder, self.head, self.temperature):
+            for p in module.parameters():
+                p.requires_grad_(False)
+        if self.sci.pooling == "attention":
+            self.pool_query.requires_grad_(False)
+
+    # -- what it adds to the forward --------------------------------------------------------
+    def contribute(
+        self,
+        embeddings: Tensor,
+        example_ids: Tensor,
+        template_ids: Tensor | None,
+        collect_embeddings: bool = False,
+    ) -> SCIContribution:
+        """The fusion and SCL of one micro-batch from the backbone's embedding output [s, b, h].
+
+        With data parallelism the SCL contrasts every rank's examples (``losses.gather``); every
+        rank then runs the branch whenever any rank has an example, since the gather's backward
+        is a collective."""
+        local_count = 0 if template_ids is None else int((template_ids >= 0).sum())
+        dp_group = _data_parallel_group()
+        n_max = local_count if dp_group is None else max_example_count(local_count, dp_group)
+        if not self.sci.fuse and n_max == 0:
+            return SCIContribution()  # nothing to fuse and nothing to contrast: skip the branch
+        states = self.encode(self._whole_sequence(embeddings), example_ids)
+        fusion = self._sequence_shard(self.fusion(states)) if self.sci.fuse else None
+        if n_max == 0:
+            return SCIContribution(fusion=fusion)
+        assert template_ids is not None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_scl):
+            z, templates = self.embed(states, example_ids, template_ids)
+            if dp_group is None:
+                scl = supervised_contrastive_loss(z, templates, self.temperature())
+            else:
+                g = gather_examples(z, templates, n_max, dp_group)
+                scl = supervised_contrastive_loss(
+                    g.z, g.templates, self.temperature(), anchors=g.local, ranks=dp_group.size()
+                )
+        stats = SCIStats(float(scl.loss.detach()), scl.num_anchors, scl.pos_cos, scl.neg_cos)
+        if collect_embeddings:
+            stats = stats._replace(
+                embeddings=z.detach().float().cpu(), templates=templates.detach().cpu()
+            )
+        return SCIContribution(fusion=fusion, scl=scl, stats=stats)
+
+    def join(self, hidden: Tensor, contribution: SCIContribution, scl_weight: float) -> Tensor:
+        """``hidden`` + the fusion, carrying ``scl_weight`` x SCL into the backward pass."""
+        if contribution.fusion is not None:
+            hidden = hidden + contribution.fusion
+        scl = contribution.scl
+        if scl is not None and self.trains_scl and scl.loss.requires_grad:
+            # Attached even when this rank has no anchor of its own: with data parallelism the
+            # backward of the embedding all-gather is a collective every rank must enter.
+            hidden = attach_aux_loss(hidden, scl.loss, scl_weight)
+        return hidden
+
+    def _whole_sequence(self, embeddings: Tensor) -> Tensor:
+        """The branch sees whole examples: with sequence parallelism the embedding output is
+        sharded over the sequence, so it is gathered (its gradient, identical on every
+        tensor rank, is split back rather than summed)."""
+        if not self.sequence_parallel:
+            return embeddings
+        return tensor_parallel.gather_from_sequence_parallel_region(
+            embeddings, tensor_parallel_output_grad=False
+        )
+
+    def _sequence_shard(self, fusion: Tensor) -> Tensor:
+        if not self.sequence_parallel:
+            return fusion
+        return tensor_parallel.scatter_to_sequence_parallel_region(fusion)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """The temperature's checkpoint key stays ``temperature.log_tau`` (beside the branch),
+        where checkpoints written before it belonged to the branch keep it."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        owner = f"{prefix}temperature."
+        model_prefix = prefix[: -len(f"{SCI_ATTRIBUTE}.")]
+        for value in state.values():
+            key = getattr(value, "key", None)
+            if isinstance(key, str) and key.startswith(owner):
+                value.key = model_prefix + key[len(prefix) :]
+        return state
 
     def encode(self, embeddings: Tensor, example_ids: Tensor) -> Tensor:
         """SCI states [s, b, h_sci] from the shared embeddings [s, b, h]; a token attends to
@@ -176,3 +330,10 @@ class SCIBranch(MegatronModule):
         pooled = self.pool(states, example_ids, template_ids.size(1))
         z = F.normalize(self.head(pooled[valid]).float(), dim=-1)
         return z, template_ids[valid]
+
+
+def _data_parallel_group():
+    """The data-parallel group when there is more than one data-parallel rank."""
+    if not dist.is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_data_parallel_group()

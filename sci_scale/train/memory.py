@@ -8,10 +8,13 @@ those of DeepSpeed 0.19 (a missing one counts as zero, never as an error).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+log = logging.getLogger("sci_scale.train")
 
 
 def _bytes(tensors: Iterable[Any], seen: set[int]) -> int:
@@ -64,3 +67,47 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, engine
         out["grads"] = None
     out["optimizer"] = _bytes(masters + _flatten(list(inner.state.values())), seen)
     return out
+
+
+class FirstStepMemory:
+    """What a rank holds at the first optimizer step, measured once.
+
+    Gradients are at their peak right before the update and the optimizer state exists right
+    after it, so the two halves are read on either side of the first step; later steps hold the
+    same. The figures are logged and become ``mem_*_mb`` fields of the first step's record."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.figures: dict[str, int | None] | None = None
+        self._grads: int | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.figures is None
+
+    def before_update(self, model: torch.nn.Module, optimizer: Any, engine: Any) -> None:
+        if self.pending:
+            self._grads = state_bytes(model, optimizer, engine)["grads"]
+
+    def after_update(self, model: torch.nn.Module, optimizer: Any, engine: Any) -> None:
+        if not self.pending:
+            return
+        after = state_bytes(model, optimizer, engine)
+        self.figures = {
+            "params": after["params"],
+            "grads": self._grads,
+            "optimizer": after["optimizer"],
+        }
+        log.info(
+            "memory of rank %d: parameters %s, gradients %s, optimizer state %s",
+            self.rank,
+            *(_megabytes(self.figures[k]) for k in ("params", "grads", "optimizer")),
+        )
+
+    def record_fields(self) -> dict[str, float | None]:
+        assert self.figures is not None, "measured at the first step"
+        return {f"mem_{k}_mb": None if v is None else v / 2**20 for k, v in self.figures.items()}
+
+
+def _megabytes(value: int | None) -> str:
+    return "not measured" if value is None else f"{value / 2**20:.2f} MB"

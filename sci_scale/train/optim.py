@@ -13,6 +13,7 @@ import torch
 
 from sci_scale.config.errors import ConfigError
 from sci_scale.config.schema import Config
+from sci_scale.model.sci_branch import is_sci_parameter
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -30,9 +31,7 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        dotted = f".{name}"  # chunk lists prefix names with the chunk index
-        is_sci = ".sci." in dotted or ".temperature." in dotted
-        lr_scale = cfg.sci.lr_scale if is_sci else 1.0
+        lr_scale = cfg.sci.lr_scale if is_sci_parameter(name) else 1.0
         buckets.setdefault((_no_decay(name, param), lr_scale), []).append(param)
     groups = []
     for (no_decay, lr_scale), params in sorted(buckets.items()):

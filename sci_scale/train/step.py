@@ -2,35 +2,49 @@
 
 ``forward_step(data_iterator, model)`` returns the model's per-token loss and a loss function;
 the schedule calls that function on the last pipeline stage, divides its first output by the
-number of micro-batches and backpropagates it. The SCL never passes through here: its gradient
-is attached inside the model (``losses.aux``) on the first stage.
+number of micro-batches and backpropagates it. The SCL never passes through here: the model
+attaches its gradient on the first stage (``losses.aux``) with the step's SCL weight, and
+reports its statistics in its output, which the step collects.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from torch import Tensor
 
-from sci_scale.model.gpt import SCIGPTModel
+from sci_scale.model.gpt import ModelOutput, SCIGPTModel
+from sci_scale.model.sci_branch import SCIStats
 from sci_scale.runtime.device import current_device
 
 
 @dataclass
 class BatchCounter:
-    """Blocks and tokens seen by this rank's forward steps (pair blocks counted apart), and
-    the factor that turns a micro-batch's summed LM loss into its share of the step's loss."""
+    """What this rank's forward steps saw and produced in one schedule run: blocks and tokens
+    (pair blocks counted apart), the SCI statistics of each micro-batch; and what they are
+    given: the factor that turns a micro-batch's summed LM loss into its share of the step's
+    loss, the SCL weight, and whether to collect the SCI embeddings."""
 
     blocks: int = 0
     pair_blocks: int = 0
     tokens: int = 0
     loss_scale: float = 1.0
+    scl_weight: float = 0.0
+    collect_sci_embeddings: bool = False
+    sci_stats: list[SCIStats] = field(default_factory=list)
 
-    def reset(self, loss_scale: float = 1.0) -> None:
+    def reset(
+        self, loss_scale: float = 1.0, scl_weight: float = 0.0, collect: bool = False
+    ) -> None:
         self.blocks = self.pair_blocks = self.tokens = 0
-        self.loss_scale = loss_scale
+        self.loss_scale, self.scl_weight, self.collect_sci_embeddings = (
+            loss_scale,
+            scl_weight,
+            collect,
+        )
+        self.sci_stats = []
 
 
 def lm_loss_func(
@@ -57,16 +71,20 @@ def make_forward_step(counter: BatchCounter):
         module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
         device = current_device()
         b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        output = model(
+        output: ModelOutput = model(
             b["tokens"],
             b["position_ids"],
             labels=b["labels"],
             loss_mask=b["loss_mask"],
             example_ids=b["example_ids"],
             template_ids=b["template_ids"],
+            scl_weight=counter.scl_weight,
+            collect_sci_embeddings=counter.collect_sci_embeddings,
         )
+        if output.sci is not None:
+            counter.sci_stats.append(output.sci)
         scale = counter.loss_scale if module.lm_trains else 0.0
-        return output, partial(lm_loss_func, b["loss_mask"], scale)
+        return output.lm, partial(lm_loss_func, b["loss_mask"], scale)
 
     return forward_step
 
