@@ -18,7 +18,6 @@ allocated it first. On a CPU only the process's peak RSS is reported.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import statistics
@@ -36,6 +35,7 @@ from sci_scale.model.shapes import padded_vocab_size
 from sci_scale.runtime.distributed import destroy_distributed
 from sci_scale.train.flops import FORMULA, H100_BF16_DENSE_TFLOPS, count_flops
 from sci_scale.train.trainer import Trainer
+from sci_scale.train.transformers_baseline import TransformersBaseline
 
 log = logging.getLogger("sci_scale.bench")
 
@@ -124,73 +124,15 @@ class MemoryTracker:
         return self.process_peak / 2**20 if self.enabled else None
 
 
-class TransformersBaseline:
-    """One optimizer step of a plain transformers model of the config's backbone shape (Llama;
-    Qwen2 with Q/K/V biases), on sci-scale's device and under its precision policy (autocast
-    at ``model.compute_dtype`` over weights of ``model.params_dtype``)."""
-
-    def __init__(self, cfg: Config, vocab: int, seed: int = 0) -> None:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from sci_scale.convert.hf_config import hf_config_from_model
-
-        m, t = cfg.model, cfg.train
-        torch.manual_seed(seed)
-        dtype = torch.bfloat16 if m.params_dtype == "bf16" else torch.float32
-        # The same transformers configuration an export of this model would carry.
-        fields = hf_config_from_model(m, vocab, None, m.params_dtype)
-        for key in ("architectures", "torch_dtype", "bos_token_id", "eos_token_id"):
-            fields.pop(key)
-        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        from sci_scale.runtime.device import autocast_dtype, current_device
-
-        device = current_device()  # the sci-scale variants' device, set by their setup
-        # the same precision policy as sci-scale: autocast at model.compute_dtype
-        self.autocast = autocast_dtype(m.compute_dtype, device)
-        self.device_type = device.type
-        self.model = AutoModelForCausalLM.from_config(
-            config, attn_implementation="sdpa", dtype=dtype
-        ).to(device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-            weight_decay=t.weight_decay,
-        )  # fmt: skip
-        self.micro = [
-            torch.randint(0, vocab, (t.micro_batch_size, m.seq_length), device=device)
-            for _ in range(t.global_batch_size // t.micro_batch_size)
-        ]
-
-    def step(self) -> None:
-        import torch
-
-        for tokens in self.micro:
-            with torch.autocast(
-                self.device_type,
-                dtype=self.autocast or torch.float32,
-                enabled=self.autocast is not None,
-            ):
-                loss = self.model(input_ids=tokens, labels=tokens).loss / len(self.micro)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-
 def _variant(cfg: Config, run_dir: Path, **sci: object) -> Config:
-    new = dataclasses.replace(
-        cfg,
-        run=dataclasses.replace(cfg.run, dir=str(run_dir)),
-        sci=dataclasses.replace(cfg.sci, **sci),
-        logging=dataclasses.replace(cfg.logging, wandb_mode="disabled", console=False),
-        checkpoint=dataclasses.replace(cfg.checkpoint, save_final=False),
+    new = cfg.replace(
+        run=cfg.run.replace(dir=str(run_dir)),
+        sci=cfg.sci.replace(**sci),
+        logging=cfg.logging.replace(wandb_mode="disabled", console=False),
+        checkpoint=cfg.checkpoint.replace(save_final=False),
     )
     if new.data.cache_dir is None:  # share one data cache: both variants read the same blocks
-        new = dataclasses.replace(
-            new, data=dataclasses.replace(new.data, cache_dir=str(run_dir.parent / "data"))
-        )
+        new = new.replace(data=new.data.replace(cache_dir=str(run_dir.parent / "data")))
     return new
 
 
@@ -238,9 +180,7 @@ def bench(cfg: Config, steps: int, warmup: int, baseline: bool = False) -> list[
             destroy_distributed()
     flops = {
         "sci": count_flops(cfg, vocab).flops_per_token,
-        "off": count_flops(
-            dataclasses.replace(cfg, sci=dataclasses.replace(cfg.sci, mode="off")), vocab
-        ).flops_per_token,
+        "off": count_flops(cfg.replace(sci=cfg.sci.replace(mode="off")), vocab).flops_per_token,
     }
     flops["transformers"] = flops["off"]
     precision = cfg.model.params_dtype + (f", fp8 {cfg.model.fp8}" if cfg.model.fp8 else "")
