@@ -2,6 +2,8 @@
 
 import warnings
 
+# The one source of the version: pyproject.toml reads this literal statically at build time
+# (setuptools' attr:), so it stays a plain string assignment.
 __version__ = "0.1.0"
 
 # megatron-core warns at import when neither Transformer Engine nor Apex is present and falls

@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from hf_models import ARCHS, VOCAB, build_hf_model, write_tokenizer
 from launchers import REPO, failure_summary
 from safetensors.torch import load_file
 
+from sci_scale.checkpoint import load
 from sci_scale.config import ConfigError, load_config, validate
 from sci_scale.convert import hf
 from sci_scale.convert.hf_config import UnsupportedModelError
@@ -50,6 +50,7 @@ def test_import_matches_transformers(models: dict, name: str) -> None:
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 @pytest.mark.parametrize("name", list(ARCHS))
+@pytest.mark.slow
 def test_import_matches_transformers_at_tp2_and_pp2(models: dict, name: str, layout: str) -> None:
     """The same checkpoint, resharded by megatron at load to two tensor or pipeline ranks."""
     from launchers import free_port
@@ -124,7 +125,7 @@ def corpus_file(path: Path, docs: int = 200) -> Path:
 
 def continued_config(models: dict, name: str, tmp_path: Path, *overrides: str):
     """Continued pretraining of an imported backbone: its shape, its tokenizer, SCI joint."""
-    imported = hf.checkpoint_config(models[name]["ckpt"])[0]
+    imported = load.checkpoint_config(models[name]["ckpt"])[0]
     corpus = corpus_file(tmp_path / "corpus.jsonl")
     cfg = load_config(
         None,
@@ -141,7 +142,7 @@ def continued_config(models: dict, name: str, tmp_path: Path, *overrides: str):
             *overrides,
         ],
     )
-    cfg.model = replace(imported.model, seq_length=64)
+    cfg.model = imported.model.replace(seq_length=64)
     validate(cfg)
     return cfg
 
@@ -195,10 +196,10 @@ def test_heldout_perplexity_of_an_imported_backbone_equals_transformers(
             "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
     figures = json.loads(out.read_text())
-    cfg, state = hf.checkpoint_config(ckpt)
-    cfg.data = replace(cfg.data, corpus="jsonl", corpus_paths=[str(corpus)], split="0,0,1")
-    with hf.single_process():
-        tok = hf.checkpoint_tokenizer(cfg, state)
+    cfg, state = load.checkpoint_config(ckpt)
+    cfg.data = cfg.data.replace(corpus="jsonl", corpus_paths=[str(corpus)], split="0,0,1")
+    with load.single_process():
+        tok = load.checkpoint_tokenizer(cfg, state)
         blocks = heldout_corpus(cfg, eval_cache_dir(cfg, ckpt), tok)
         samples = [blocks[i] for i in range(3)]
     reference = AutoModelForCausalLM.from_pretrained(models["llama"]["hf"], dtype=torch.float32)
@@ -330,6 +331,7 @@ def test_import_never_runs_code_from_the_directory(tmp_path: Path) -> None:
     assert (ckpt / "run_state.pt").is_file()
 
 
+@pytest.mark.slow
 def test_cli_round_trip(tmp_path: Path) -> None:
     src = build_hf_model("smollm2", tmp_path / "src")
 
@@ -345,7 +347,7 @@ def test_cli_round_trip(tmp_path: Path) -> None:
     run("sci-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"))
     a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    state = hf.checkpoint_config(tmp_path / "ckpt")[0]
+    state = load.checkpoint_config(tmp_path / "ckpt")[0]
     assert state.parallel.tensor == 2  # the recorded layout to train with
     shutil.rmtree(tmp_path / "out")
 
@@ -402,10 +404,10 @@ def test_aux_only_sci_export_is_a_plain_model(trained: dict[str, Path], tmp_path
 def test_init_from_a_checkpoint_of_another_shape_names_the_difference(
     models: dict, tmp_path: Path
 ) -> None:
-    from sci_scale.train.checkpoint_index import CheckpointError
+    from sci_scale.checkpoint.index import CheckpointError
 
     cfg = continued_config(models, "llama", tmp_path, "train.steps=1")
-    cfg.model = replace(cfg.model, ffn_hidden_size=192)
+    cfg.model = cfg.model.replace(ffn_hidden_size=192)
     with pytest.raises(CheckpointError, match=r"model\.ffn_hidden_size: 160 there, 192 here"):
         Trainer(cfg).setup()
     destroy_distributed()

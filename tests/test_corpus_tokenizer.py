@@ -59,6 +59,7 @@ def tokenizer(model_path: Path) -> SentencePieceTokenizer:
 # --- the stdlib docstring corpus -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_docstrings_nonempty_long_enough_and_deterministic(docstrings: list[str]) -> None:
     assert len(docstrings) > 500
     assert sum(map(len, docstrings)) > 500_000

@@ -127,12 +127,14 @@ def rng_result() -> dict:
 
 
 @needs_cpu_only
+@pytest.mark.slow
 def test_rng_tracker_is_needed(rng_result):
     # megatron's tracker stores CUDA generator states: without CUDA, seeding it fails.
     assert _failed_on_cuda(rng_result["unpatched_seed"]), rng_result["unpatched_seed"]
     assert _failed_on_cuda(rng_result["unpatched_add"]), rng_result["unpatched_add"]
 
 
+@pytest.mark.slow
 def test_rng_tracker_shim_forks_the_cpu_generator(rng_result):
     patched = rng_result["patched"]
     assert patched["ok"], patched.get("trace")
@@ -171,12 +173,14 @@ def device_result() -> dict:
 
 
 @needs_cpu_only
+@pytest.mark.slow
 def test_current_device_is_needed(device_result):
     assert _failed_on_cuda(device_result["unpatched_current_device"])
     # megatron's global memory buffer allocates on torch.cuda.current_device()
     assert _failed_on_cuda(device_result["unpatched_buffer"])
 
 
+@pytest.mark.slow
 def test_current_device_shim_gives_the_cpu(device_result):
     assert device_result["patched_current_device"] == {"ok": True, "value": "cpu"}
     buf = device_result["patched_buffer"]
@@ -222,6 +226,7 @@ def sync_result() -> dict:
 
 
 @needs_cpu_only
+@pytest.mark.slow
 def test_synchronize_is_needed(sync_result):
     assert _failed_on_cuda(sync_result["unpatched_synchronize"])
     # megatron's distributed checkpoint save calls torch.cuda.synchronize() after host copies
@@ -230,6 +235,7 @@ def test_synchronize_is_needed(sync_result):
     assert "in synchronize" in save["trace"]
 
 
+@pytest.mark.slow
 def test_synchronize_shim_lets_dist_checkpointing_round_trip(sync_result):
     assert sync_result["patched_synchronize"] == {"ok": True, "value": None}
     save = sync_result["patched_save"]
@@ -300,6 +306,7 @@ def literals_result() -> dict:
 
 
 @needs_cpu_only
+@pytest.mark.slow
 def test_cuda_literals_is_needed(literals_result):
     assert literals_result["literal_in_source"], "schedules no longer allocate on 'cuda'"
     assert _failed_on_cuda(literals_result["unpatched_zeros"])
@@ -307,6 +314,7 @@ def test_cuda_literals_is_needed(literals_result):
     assert _failed_on_cuda(literals_result["unpatched_schedule"])
 
 
+@pytest.mark.slow
 def test_cuda_literals_shim_runs_the_schedule_on_cpu(literals_result):
     assert literals_result["patched_zeros"] == {
         "ok": True,

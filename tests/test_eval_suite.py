@@ -44,7 +44,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 def test_heldout_perplexity_is_the_mean_cross_entropy_of_the_test_share(trained) -> None:
     from megatron.core.datasets.utils import Split
 
-    from sci_scale.convert.hf import (
+    from sci_scale.checkpoint.load import (
         checkpoint_tokenizer,
         load_whole_model,
         sci_logits,
@@ -74,7 +74,7 @@ def test_heldout_perplexity_is_the_mean_cross_entropy_of_the_test_share(trained)
 
 
 def test_probe_embeddings_do_not_depend_on_the_batch(trained) -> None:
-    from sci_scale.convert.hf import load_whole_model, single_process
+    from sci_scale.checkpoint.load import load_whole_model, single_process
 
     examples = _examples({7: 2, 8: 2, 9: 3})
     with single_process():
@@ -91,7 +91,7 @@ def test_probe_embeddings_do_not_depend_on_the_batch(trained) -> None:
 
 
 def test_identical_examples_are_perfectly_retrieved(trained) -> None:
-    from sci_scale.convert.hf import load_whole_model, single_process
+    from sci_scale.checkpoint.load import load_whole_model, single_process
 
     base = _examples({1: 1, 2: 1, 3: 1, 4: 1})
     twins = [

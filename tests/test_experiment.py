@@ -11,7 +11,8 @@ import pytest
 
 from sci_scale.config import load_config
 from sci_scale.config.errors import ConfigError
-from sci_scale.experiment.ablation import ablation_variants, run_ablation
+from sci_scale.experiment.ablation import run_ablation
+from sci_scale.experiment.variants import ablation_variants
 
 REPO = Path(__file__).resolve().parents[1]
 COGS_DIR = Path(__file__).resolve().parent / "data" / "cogs"  # train + dev excerpts
@@ -57,6 +58,7 @@ def _table_rows(report: str, heading: str) -> list[list[str]]:
     return [[c.strip() for c in row.strip("|").split("|")] for row in rows[1:]]
 
 
+@pytest.mark.slow
 def test_ablation_report_has_every_row_filled(study) -> None:
     report_path, cfg = study
     out = report_path.parent
@@ -85,12 +87,13 @@ def test_ablation_report_has_every_row_filled(study) -> None:
         assert f"]({name})" in text
 
 
+@pytest.mark.slow
 def test_ablation_runs_are_what_the_variants_say(study) -> None:
     report_path, _ = study
     out = report_path.parent
     record = json.loads((out / "results" / "sci_frozen-seed1.json").read_text())
     assert record["sci_mode"] == "frozen" and record["lm_tokens"] == 4 * 8 * 256
-    from sci_scale.convert.hf import checkpoint_config
+    from sci_scale.checkpoint.load import checkpoint_config
 
     cfg, _ = checkpoint_config(Path(record["checkpoint"]))
     assert cfg.sci.mode == "frozen" and cfg.train.seed == 1
@@ -104,6 +107,7 @@ def test_ablation_runs_are_what_the_variants_say(study) -> None:
     assert {"backbone_recall_at_1", "sci_recall_at_1", "cogs"} <= set(figures)
 
 
+@pytest.mark.slow
 def test_a_rerun_reads_finished_runs_back(study, caplog: pytest.LogCaptureFixture) -> None:
     report_path, cfg = study
     out = report_path.parent
@@ -114,6 +118,7 @@ def test_a_rerun_reads_finished_runs_back(study, caplog: pytest.LogCaptureFixtur
     assert sum("done before" in r.getMessage() for r in caplog.records) == len(before)
 
 
+@pytest.mark.slow
 def test_reevaluation_rescores_without_retraining(study) -> None:
     report_path, cfg = study
     out = report_path.parent
@@ -131,6 +136,7 @@ def test_reevaluation_rescores_without_retraining(study) -> None:
     assert after["figures"]["heldout_ppl"] == pytest.approx(before["figures"]["heldout_ppl"])
 
 
+@pytest.mark.slow
 def test_eval_command_runs_every_task_on_a_study_checkpoint(study, tmp_path: Path) -> None:
     from sci_scale.cli.main import main
 

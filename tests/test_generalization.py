@@ -54,9 +54,9 @@ def test_cogs_evaluator_on_the_in_distribution_test_set() -> None:
 
 
 def test_greedy_decoding_is_the_same_batched_and_one_by_one(make_config) -> None:
-    from sci_scale.convert.hf import load_whole_model, single_process
+    from sci_scale.checkpoint.load import load_whole_model, single_process
+    from sci_scale.checkpoint.state import read_run_state
     from sci_scale.data.tokenizer import load_tokenizer
-    from sci_scale.train.checkpoint import read_run_state
     from sci_scale.train.trainer import train
 
     result = train(make_config("train.steps=3"))
@@ -109,9 +109,9 @@ def test_could_still_match_follows_words_and_partial_words() -> None:
 def test_stopping_wrong_continuations_early_keeps_the_score(make_config) -> None:
     """Exact match with early stopping equals exact match of the full greedy decoding, on
     targets the model gets right (its own full outputs) and wrong (the gold answers)."""
-    from sci_scale.convert.hf import load_whole_model, single_process
+    from sci_scale.checkpoint.load import load_whole_model, single_process
+    from sci_scale.checkpoint.state import read_run_state
     from sci_scale.data.tokenizer import load_tokenizer
-    from sci_scale.train.checkpoint import read_run_state
     from sci_scale.train.trainer import train
 
     result = train(make_config("train.steps=3"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -20,14 +21,12 @@ from sci_scale.data.pairs import (
     user_examples,
 )
 
-_REPO = Path(__file__).resolve().parents[1]
-# The full COGS files when they sit beside the checkout (../shared), else the excerpt that
-# ships with the tests (tests/data/cogs): the COGS tests run everywhere.
-COGS_DIR = next(
-    p
-    for p in (_REPO.parent / "shared/data/cogs", Path(__file__).parent / "data/cogs")
-    if (p / "train.tsv").is_file()
-)
+# The COGS directory the tests read (train.tsv, dev.tsv): $SCI_SCALE_COGS_DIR when set (e.g. the
+# full COGS data), else the excerpt that ships with the tests (tests/data/cogs/README.md), so the
+# COGS tests run on any checkout.
+COGS_DIR = Path(os.environ.get("SCI_SCALE_COGS_DIR") or Path(__file__).parent / "data/cogs")
+if not (COGS_DIR / "train.tsv").is_file():
+    raise FileNotFoundError(f"SCI_SCALE_COGS_DIR: no train.tsv in {COGS_DIR}")
 
 
 def tsv_lines(path: Path) -> int:

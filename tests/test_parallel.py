@@ -97,6 +97,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.slow
 def test_layout_matches_single_process(reference: dict, name: str) -> None:
     nproc, layout = LAYOUTS[name]
     overrides = layout_overrides(reference, name, *layout)
@@ -113,6 +114,7 @@ def test_layout_matches_single_process(reference: dict, name: str) -> None:
         assert ours["mem_params_mb"] == pytest.approx(single["mem_params_mb"] / 2, rel=0.05)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_one_large_micro_batch(make_config, tmp_path: Path) -> None:
     """4 x micro-batch 1 == 1 x micro-batch 4 for the LM loss. The SCL is contrastive over the
     examples of one micro-batch (x data-parallel ranks), so splitting a micro-batch changes its
@@ -125,6 +127,7 @@ def test_grad_accumulation_matches_one_large_micro_batch(make_config, tmp_path: 
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_at_another_layout(reference: dict, tmp_path: Path) -> None:
     """Saved at TP2 x PP2, resumed at TP1 x PP1: the next step's loss is the uninterrupted one."""
     name = "tp2_pp2_saving"
@@ -158,6 +161,7 @@ def test_tensor_parallel_must_divide_heads() -> None:
         load_config(None, ["parallel.tensor=3", "model.num_query_groups=1"])
 
 
+@pytest.mark.slow
 def test_world_size_not_divisible_fails_fast(reference: dict) -> None:
     proc = torchrun(3, layout_overrides(reference, "bad_world", "parallel.tensor=2"))
     assert proc.returncode != 0
@@ -165,6 +169,7 @@ def test_world_size_not_divisible_fails_fast(reference: dict) -> None:
     assert "must divide the world size (3)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_interleaved_pipeline_matches_single_process(reference: dict, tmp_path: Path) -> None:
     """PP2 with two virtual stages per rank (interleaved 1F1B): one layer per model chunk, so
     the fusion sits before the first layer (sci.fuse_layer=0) in both runs."""
@@ -203,6 +208,7 @@ def test_virtual_pipeline_needs_zero_stage_0() -> None:
 
 
 @pytest.mark.parametrize("zero_stage", [1, 3])
+@pytest.mark.slow
 def test_exact_resume_at_the_same_layout(reference: dict, tmp_path: Path, zero_stage: int) -> None:
     """DP2 under ZeRO: stopped after step 3 and resumed (DeepSpeed's partitioned optimizer state,
     every rank's RNG), steps 4-5 equal the uninterrupted run's exactly."""
@@ -229,6 +235,7 @@ def test_exact_resume_at_the_same_layout(reference: dict, tmp_path: Path, zero_s
         assert record["scl_loss"] == want["scl_loss"]
 
 
+@pytest.mark.slow
 def test_two_processes_build_an_empty_data_cache(tmp_path: Path) -> None:
     """Rank 0 builds tokenizer, corpus and every index first; rank 1 reads them afterwards."""
     run_dir = tmp_path / "fresh"

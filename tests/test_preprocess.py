@@ -272,6 +272,7 @@ def test_data_parallel_layouts_read_the_same_global_batches(two_corpora: Path, s
     assert step_blocks(4, 2) == reference
 
 
+@pytest.mark.slow
 def test_cli_preprocess_and_inspect(tmp_path: Path, texts: list[str], spm: Path) -> None:
     src = jsonl(tmp_path / "a.jsonl", texts)
 

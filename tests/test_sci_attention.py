@@ -101,6 +101,7 @@ def test_unpacked_attention_equals_the_dense_mask(branch, kind: str) -> None:
     assert max_difference(branch, batches(128)[kind]) <= TOL
 
 
+@pytest.mark.slow
 def test_equal_at_tensor_parallel_2(tmp_path: Path) -> None:
     script = tmp_path / "tp2.py"
     script.write_text(

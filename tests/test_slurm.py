@@ -20,7 +20,8 @@ from slurm_cluster import LocalSlurm
 
 from sci_scale.train.metrics import read_metrics
 
-pytestmark = pytest.mark.slurm
+# A cluster takes seconds to start and each job trains: never part of the fast loop.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 STEPS = 40
 JOB_TIMEOUT_S = 300

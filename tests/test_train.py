@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sci_scale.checkpoint import manager as ckpt
+from sci_scale.checkpoint.index import CheckpointError, latest_checkpoint
 from sci_scale.config import ConfigError
 from sci_scale.launch.status import read_status
-from sci_scale.train import checkpoint as ckpt
-from sci_scale.train.checkpoint_index import CheckpointError, latest_checkpoint
 from sci_scale.train.metrics import read_metrics
 from sci_scale.train.trainer import train
 
@@ -35,6 +35,7 @@ def by_step(records: list[dict]) -> dict[int, dict]:
     return {r["step"]: r for r in records}
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path: Path) -> None:
     steps = ("train.steps=20", "train.eval_interval=10")
     straight = train(make_config(*steps, run_dir=tmp_path / "straight"))
@@ -58,6 +59,7 @@ def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path: Path) ->
     assert [r["step"] for r in read_metrics(resumed_dir)] == list(range(1, 21))
 
 
+@pytest.mark.slow
 def test_crash_during_save_leaves_previous_checkpoint_loadable(
     make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -111,6 +113,7 @@ def test_resume_without_checkpoint_is_a_clear_error(make_config, tmp_path: Path)
         train(make_config("train.steps=2", run_dir=tmp_path / "empty"), resume=True)
 
 
+@pytest.mark.slow
 def test_default_job_end_to_end(tmp_path: Path) -> None:
     """``sci-scale train`` on configs/tiny.yaml as shipped (only the run directory moved)."""
     run_dir = tmp_path / "tiny"
@@ -139,6 +142,7 @@ def test_default_job_end_to_end(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("mode", "fuse_layer"), [("selective", 1), ("full", 0)], ids=["selective", "full"]
 )
+@pytest.mark.slow
 def test_activation_recomputation_changes_nothing_but_memory(
     make_config, tmp_path: Path, mode: str, fuse_layer: int
 ) -> None:
@@ -157,6 +161,7 @@ def test_full_recomputation_needs_the_fusion_before_the_block(make_config) -> No
         make_config("model.recompute=full", "sci.fuse_layer=1")
 
 
+@pytest.mark.slow
 def test_wall_clock_limit_stops_with_a_checkpoint_and_auto_resume_continues(
     make_config, tmp_path: Path
 ) -> None:

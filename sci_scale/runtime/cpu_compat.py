@@ -4,7 +4,7 @@ megatron-core assumes CUDA in a handful of places. Each shim below bridges exact
 is applied only when CUDA is unavailable, and has its own test in ``tests/test_cpu_compat.py``:
 when a megatron-core upgrade removes a need, that test fails and the shim can be deleted.
 
-Shims (numbers follow ``reference/platform.md``):
+Shims (the five listed, in this order, in ``docs/architecture.md``, "CPU compatibility"):
 
 1. ``rng_tracker``: megatron's model-parallel RNG tracker stores per-rank CUDA generator states
    and attention always forks it. On CPU it must fork the CPU generator instead.
