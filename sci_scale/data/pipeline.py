@@ -54,8 +54,6 @@ class DataBundle:
     valid_corpus: BlockStream
     heldout_pairs: PairBlockDataset | None
     pair_rate_realised: float
-    num_train_pairs: int
-    num_heldout_pairs: int
     cache_dir: Path
 
 
@@ -311,8 +309,6 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
             valid_corpus,
             heldout,
             0.0,
-            len(train_examples),
-            len(heldout_examples),
             cache,
         )
 
@@ -357,8 +353,6 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         valid_corpus,
         heldout,
         realised,
-        len(train_examples),
-        len(heldout_examples),
         cache,
     )
 

@@ -85,18 +85,6 @@ SCAN_SPLITS: tuple[str, ...] = (
     "template_right",
 )
 
-#: Published (train, test) line counts of each split; the generator reproduces them.
-PUBLISHED_COUNTS: dict[str, tuple[int, int]] = {
-    "simple": (16728, 4182),
-    "length": (16990, 3920),
-    "addprim_jump": (14670, 7706),
-    "addprim_turn_left": (21890, 1208),
-    "template_around_right": (15225, 4476),
-    "template_jump_around_right": (18528, 1173),
-    "template_opposite_right": (15225, 4476),
-    "template_right": (15225, 4476),
-}
-
 NUM_COMMANDS = 20910
 #: Length split: train holds action sequences of at most this many actions (no command has 23).
 LENGTH_SPLIT_MAX_TRAIN_ACTIONS = 22
