@@ -234,3 +234,20 @@ def test_the_length_check_flags_a_long_module_without_a_reason(toy: Path) -> Non
     assert long_modules(toy) == [f"{TOY}/big.py: {MAX_LINES + 2} lines"]
     (toy / "big.py").write_text(f'"""A big module.\n\n{LONG_REASON} it is a table.\n"""\n{body}')
     assert long_modules(toy) == []
+
+
+def test_the_documented_import_graph_is_the_real_one() -> None:
+    """docs/architecture.md shows the graph ``tools/import_graph.py`` draws; it must not drift."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import import_graph
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    drawn = {f"{a} --> {b}" for a, b in import_graph.package_edges()}
+    text = (REPO / "docs" / "architecture.md").read_text()
+    block = text.split("```mermaid\n", 1)[1].split("```", 1)[0]
+    documented = {line.strip() for line in block.splitlines() if "-->" in line}
+    assert documented == drawn, (
+        f"run tools/import_graph.py and update docs/architecture.md: missing "
+        f"{sorted(drawn - documented)}, stale {sorted(documented - drawn)}"
+    )
