@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import statistics
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -318,3 +321,96 @@ def test_training_reads_preprocessed_corpora(two_corpora: Path, spm: Path, tmp_p
     result = train(cfg)
     assert [r["step"] for r in result.history] == [1, 2, 3]
     assert all(np.isfinite(r["lm_loss"]) for r in result.history)
+
+
+def test_inspect_describes_what_was_written(tmp_path: Path, texts: list[str], spm: Path) -> None:
+    from sci_scale.data.inspect import describe_dataset, inspect_dataset
+
+    docs = [texts[0], "x", "a few words", *texts[1:60]]  # short ones fill the low buckets
+    run([jsonl(tmp_path / "a.jsonl", docs)], spm, tmp_path / "c", shard_docs=25)
+    tok = load_tokenizer(spm)
+    lengths = [len(tok.tokenize(d)) + 1 for d in docs]  # every document ends in eod
+    shown = inspect_dataset(str(tmp_path / "c"), None, None, 100).splitlines()
+    assert shown[:3] == [
+        f"dataset     {tmp_path / 'c'}",
+        f"documents   {len(docs):,}",
+        f"tokens      {sum(lengths):,}",
+    ]
+    assert shown[3] == (
+        f"length      min {min(lengths)}, median {int(statistics.median(lengths))}, "
+        f"mean {statistics.mean(lengths):.1f}, max {max(lengths)} tokens"
+    )
+    bytes_per_token = (tmp_path / "c.bin").stat().st_size / sum(lengths)
+    assert bytes_per_token == 2.0 and shown[4] == "on disk     2.00 bytes per token (uint16)"
+
+    # power-of-two buckets: a length n falls in [2**(b-1), 2**b) with b = n.bit_length()
+    buckets = Counter(n.bit_length() for n in lengths)
+    peak = max(buckets.values())
+    histogram = shown[shown.index("length histogram (tokens: documents)") + 1 : -2]
+    parsed = [re.fullmatch(r"\s+(\d+)-(\d+)\s+([\d,]+) (#*)", line) for line in histogram]
+    assert all(parsed), histogram
+    assert [(int(m[1]), int(m[2]), int(m[3].replace(",", ""))) for m in parsed] == [
+        (2 ** (b - 1), 2**b - 1, buckets[b]) for b in sorted(buckets)
+    ]
+    assert [len(m[4]) for m in parsed] == [round(40 * buckets[b] / peak) for b in sorted(buckets)]
+
+    # the sample is document 0, decoded with the tokenizer the metadata names
+    assert shown[-2:] == [f"document 0, decoded with {spm}:", f"  {docs[0][:300] + ' ...'!r}"]
+    (tmp_path / "c.meta.json").unlink()
+    bare = describe_dataset(str(tmp_path / "c"))  # no metadata, no tokenizer: no sample
+    assert bare.splitlines() == shown[:-2]
+    given = describe_dataset(str(tmp_path / "c"), str(spm), sample_chars=4000).splitlines()
+    assert given[:-2] == shown[:-2]
+    # shorter than sample_chars: the whole document, no " ..."
+    assert given[-2:] == [f"document 0, decoded with {spm}:", f"  {docs[0]!r}"]
+
+
+def test_inspect_of_a_missing_dataset_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sci_scale.cli.main import main
+    from sci_scale.data.inspect import inspect_dataset
+
+    missing = tmp_path / "nothing"
+    with pytest.raises(FileNotFoundError, match=f"indexed dataset {missing}: missing"):
+        inspect_dataset(str(missing), None, None, 100)
+    assert main(["data", "inspect", str(missing)]) == 2
+    err = capsys.readouterr().err
+    files = f"{missing}.bin, {missing}.idx"
+    assert err == f"sci-scale data: error: indexed dataset {missing}: missing {files}\n"
+    assert main(["data", "inspect"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give an indexed dataset PREFIX, --config CONFIG" in err
+
+
+def test_inspect_with_a_config_prints_its_realised_blend(
+    two_corpora: Path, spm: Path, tmp_path: Path
+) -> None:
+    import yaml
+
+    from sci_scale.config.loader import config_to_dict, override_config
+    from sci_scale.data.inspect import describe_blend, inspect_dataset
+    from sci_scale.data.pipeline import build_data
+
+    # arithmetic pairs only and 2,000 training blocks: the blend at a fraction of the cost
+    small = ["train.steps=125", "data.pair_sources=[arithmetic]", "model.seq_length=128"]
+    cfg = override_config(blend_config(two_corpora, spm, 1234, tmp_path / "cache"), small)
+    config = tmp_path / "blend.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    prefix = str(two_corpora / "a")
+    dataset, blend = inspect_dataset(prefix, None, str(config), 2000).split("\n\n")
+    assert dataset.startswith(f"dataset     {prefix}\ndocuments   150\n")
+    lines = blend.splitlines()
+    assert lines[0] == f"realised blend over the first 2,000 training blocks of {config}:"
+    targets = {prefix: 0.95 * 0.7, str(two_corpora / "b"): 0.95 * 0.3, "pairs": 0.05}
+    shares = {}
+    for line, (name, target) in zip(lines[1:], targets.items(), strict=True):
+        m = re.fullmatch(rf"  {re.escape(name)}: (\d\.\d{{4}}) \(target (\d\.\d{{4}})\)", line)
+        assert m, line
+        shares[name] = float(m[1])
+        assert float(m[2]) == round(target, 4)
+        assert shares[name] == pytest.approx(target, abs=0.01)
+    assert sum(shares.values()) == pytest.approx(1.0, abs=2e-4)
+    available = len(build_data(cfg, tmp_path).train)
+    more = describe_blend(str(config), 10**9).splitlines()[0]  # more blocks than there are
+    assert more == f"realised blend over the first {available:,} training blocks of {config}:"
