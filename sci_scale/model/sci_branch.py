@@ -257,7 +257,7 @@ class SCIBranch(MegatronModule):
         where checkpoints written before it belonged to the branch keep it."""
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         owner = f"{prefix}temperature."
-        model_prefix = prefix[: -len(f"{SCI_ATTRIBUTE}.")]
+        model_prefix = prefix.removesuffix(f"{SCI_ATTRIBUTE}.")
         for value in state.values():
             key = getattr(value, "key", None)
             if isinstance(key, str) and key.startswith(owner):
