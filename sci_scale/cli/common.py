@@ -73,6 +73,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(resolve_config(args.config), list(args.overrides))
 
 
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoint``: for commands that read checkpoints someone else may have written."""
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load checkpoints with unrestricted pickle (only for files you wrote or trust; "
+        "never the default)",
+    )
+
+
 def add_gpu_memory_argument(parser: argparse.ArgumentParser) -> None:
     def gpu_memory(text: str) -> int:
         from sci_scale.launch.memory_plan import parse_memory

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from sci_scale.cli.common import add_trust_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     conv = sub.add_parser("convert", help="Hugging Face <-> sci-scale checkpoints")
@@ -23,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s2h.add_argument("--ckpt", required=True, help="checkpoint directory (e.g. .../step_0000300)")
     s2h.add_argument("--out", required=True, help="Hugging Face model directory to write")
     s2h.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    add_trust_argument(s2h)
     s2h.set_defaults(handler=cmd_convert)
     ver = conv_sub.add_parser(
         "verify", help="compare a checkpoint's logits with transformers' at a TP/PP layout"
@@ -37,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ver.add_argument(
         "--trust-remote-code", action="store_true", help="allow the HF directory's model code"
     )
+    add_trust_argument(ver)
     ver.set_defaults(handler=cmd_convert)
 
 

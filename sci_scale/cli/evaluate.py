@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sci_scale.cli.common import add_trust_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
@@ -40,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=int, help="default: the longest gold output's tokens + 2"
     )
     ev.add_argument("--json", help="write the figures to this JSON file")
+    add_trust_argument(ev)
     ev.set_defaults(handler=cmd_eval)
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sci_scale.cli.common import add_config_arguments, config_from_args
+from sci_scale.cli.common import add_config_arguments, add_trust_argument, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="score finished runs' checkpoints again (new eval settings); retrains nothing",
     )
+    add_trust_argument(abl)
     abl.set_defaults(handler=cmd_experiment)
 
 

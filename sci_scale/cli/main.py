@@ -90,6 +90,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    if getattr(args, "trust_checkpoint", False):
+        from sci_scale.checkpoint.trust import trust_checkpoints
+
+        trust_checkpoints()
+        logging.getLogger("sci_scale").warning(
+            "--trust-checkpoint: checkpoint files are unpickled without restriction"
+        )
     try:
         return args.handler(args)
     except USER_ERRORS as exc:

@@ -9,7 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from sci_scale.cli.common import add_config_arguments, config_from_args
+from sci_scale.cli.common import add_config_arguments, add_trust_argument, config_from_args
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +24,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue from the latest checkpoint if there is one, else start (for jobs)",
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a run.dir that already holds checkpoints or metrics, "
+        "replacing them",
+    )
+    add_trust_argument(train)
     train.set_defaults(handler=cmd_train)
 
 
@@ -49,7 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     from sci_scale.train.trainer import train
 
-    result = train(cfg, resume="auto" if args.auto_resume else args.resume)
+    resume = "auto" if args.auto_resume else args.resume
+    result = train(cfg, resume=resume, overwrite=args.overwrite)
     if result.history:
         first, last = result.history[0], result.history[-1]
         logging.getLogger("sci_scale").info(

@@ -206,6 +206,13 @@ class TrainSection(_Section):
     eval_batches: int = 4
     # Stop cleanly (checkpoint, then exit) after this many minutes; for jobs with a time limit.
     max_wall_minutes: Float | None = None
+    # A step whose loss or gradient norm is not finite is skipped (no optimizer update);
+    # this many skipped steps in a row stop the run with an error.
+    max_consecutive_skips: int = 5
+    # Optional loss-spike policy: also skip a step whose LM loss exceeds this factor times the
+    # median of the last ``loss_spike_window`` applied steps' losses (null: off).
+    loss_spike_factor: Float | None = None
+    loss_spike_window: int = 50
 
 
 class ParallelSection(_Section):

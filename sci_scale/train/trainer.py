@@ -83,9 +83,12 @@ class Trainer:
     """``resume``: False starts fresh, True continues from ``latest`` (an error when there is
     none), "auto" continues when a checkpoint exists and starts fresh otherwise."""
 
-    def __init__(self, cfg: Config, resume: bool | Literal["auto"] = False) -> None:
+    def __init__(
+        self, cfg: Config, resume: bool | Literal["auto"] = False, overwrite: bool = False
+    ) -> None:
         self.cfg = cfg
         self.resume = resume
+        self.overwrite = overwrite
         self.run_dir = Path(cfg.run.dir)
         self.started = time.monotonic()
 
@@ -330,6 +333,9 @@ class Trainer:
 
 
 def train(
-    cfg: Config, resume: bool | Literal["auto"] = False, max_steps: int | None = None
+    cfg: Config,
+    resume: bool | Literal["auto"] = False,
+    max_steps: int | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
-    return Trainer(cfg, resume=resume).run(max_steps=max_steps)
+    return Trainer(cfg, resume=resume, overwrite=overwrite).run(max_steps=max_steps)
