@@ -46,7 +46,8 @@ DEEPSPEED="deepspeed==0.19.8"
 # Binary wheels: what deepspeed needs beyond the box (hjson, pydantic and its own needs), plus
 # small ones the box is listed with today but whose absence would stop the install (einops,
 # msgpack, ninja, py-cpuinfo; packaging and typing-extensions for the minimum versions that
-# megatron-core and pydantic ask). pip installs from the bundle only what the box lacks.
+# megatron-core and pydantic ask), and xxhash (sci-scale's checkpoint manifests). pip installs
+# from the bundle only what the box lacks.
 BINARY=(
     "$MEGATRON"
     hjson==3.1.0
@@ -60,6 +61,7 @@ BINARY=(
     ninja==1.13.2
     py-cpuinfo==9.0.0
     packaging==26.4
+    xxhash==4.1.0
 )
 
 rm -rf "$OUT_DIR"

@@ -17,6 +17,7 @@ import torch
 
 from sci_scale.checkpoint.index import CheckpointError
 from sci_scale.checkpoint.manager import load_weights
+from sci_scale.checkpoint.manifest import require_intact
 from sci_scale.checkpoint.state import RunState, read_run_state
 from sci_scale.config import Config, config_from_dict
 from sci_scale.data.tokenizer import load_tokenizer
@@ -61,6 +62,9 @@ def whole_model_config(cfg: Config) -> Config:
 
 
 def checkpoint_config(ckpt: Path) -> tuple[Config, RunState]:
+    """What a checkpoint holds, once it matches its manifest: every path that loads a single
+    checkpoint (evaluation, export, the logits check) starts here."""
+    require_intact(ckpt)
     state = read_run_state(ckpt)
     return config_from_dict(state.config), state
 

@@ -7,12 +7,14 @@ Layout under ``RUN_DIR/checkpoints``::
         rank_00000.pt          RNG states (and, without DeepSpeed, optimizer state) of rank 0
         deepspeed/             ZeRO-partitioned optimizer state (DeepSpeed's format), if used
         run_state.pt           step, consumed samples, config, tokenizer identity
+        manifest.json          size and xxh3-128 hash of every file above (checkpoint.manifest)
     latest                     text file naming the newest complete checkpoint
 
-Every rank writes into ``.tmp-step_0000100``; only when all files are complete and synced does
-rank 0 rename it to ``step_0000100`` and then replace ``latest`` (both ``os.replace``, atomic on
-POSIX). A crash at any moment leaves ``latest`` naming a complete checkpoint. Loading uses
-``torch.load(weights_only=True)``: a checkpoint can never run code.
+Every rank writes into ``.tmp-step_0000100``; only when all files are complete, hashed into the
+manifest and synced does rank 0 rename it to ``step_0000100`` and then replace ``latest`` (both
+``os.replace``, atomic on POSIX). A crash at any moment leaves ``latest`` naming a complete
+checkpoint. Every pickle a checkpoint holds is read through ``checkpoint.safe_load`` (an
+allow-list of the classes each format needs): loading a checkpoint does not run code from it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from sci_scale.checkpoint.index import LATEST, RUN_STATE, CheckpointError, step_dir_name
+from sci_scale.checkpoint.manifest import write_manifest
+from sci_scale.checkpoint.safe_load import restricted_checkpoint_reads, safe_torch_load
 from sci_scale.checkpoint.state import RunState, read_run_state
 from sci_scale.runtime import collectives
 
@@ -136,8 +140,8 @@ class CheckpointManager:
             engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
         _save_torch(rank_state, tmp / f"rank_{_rank():05d}.pt")
         _barrier()
+        _seal(tmp, final, run_state)
         if _rank() == 0:
-            _seal(tmp, final, run_state)
             pointer_tmp = self.root / f".{LATEST}.tmp"
             pointer_tmp.write_text(name + "\n")
             _fsync_file(pointer_tmp)
@@ -185,13 +189,15 @@ def load_weights(path: Path, model: torch.nn.Module, allow_missing_sci: bool = F
     sharded = model.sharded_state_dict()
     strict = True
     if allow_missing_sci:
-        saved = dist_checkpointing.load_tensors_metadata(str(path / "model"))
+        with restricted_checkpoint_reads():
+            saved = dist_checkpointing.load_tensors_metadata(str(path / "model"))
         missing = tuple(p for p in OPTIONAL_PREFIXES if not any(k.startswith(p) for k in saved))
         if missing:
             sharded = _without_prefixes(sharded, missing)
             strict = False
             log.info("%s has no %s weights: they keep their initialisation", path, missing)
-    loaded = dist_checkpointing.load(sharded, str(path / "model"))
+    with restricted_checkpoint_reads():
+        loaded = dist_checkpointing.load(sharded, str(path / "model"))
     result = model.load_state_dict(loaded, strict=strict)
     if not strict:
         unexpected = [k for k in result.missing_keys if not k.startswith(OPTIONAL_PREFIXES)]
@@ -213,20 +219,27 @@ def save_weights(path: Path, model: torch.nn.Module, run_state: RunState) -> Pat
     _barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
     _barrier()
-    if _rank() == 0:
-        _seal(tmp, path, run_state)
+    _seal(tmp, path, run_state)
     _barrier()
     return path
 
 
 def _seal(tmp: Path, final: Path, run_state: RunState) -> None:
-    """Rank 0, once every rank's files are in ``tmp``: write the run state last (its presence
-    marks the directory complete), sync, and move the directory into place."""
-    _save_torch(run_state.to_dict(), tmp / RUN_STATE)
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    """Every rank, once every rank's files are in ``tmp``: rank 0 writes the run state, the
+    ranks hash every file between them into the manifest (which so covers the run state too:
+    a flipped byte in its config would otherwise load unnoticed), and rank 0 syncs the
+    directories and moves the checkpoint into place. The rename is what marks it complete."""
+    if _rank() == 0:
+        _save_torch(run_state.to_dict(), tmp / RUN_STATE)
+    _barrier()
+    write_manifest(tmp)
+    if _rank() == 0:
+        for sub in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+            _fsync_dir(sub)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
 
 
 def load_training_state(
@@ -241,17 +254,18 @@ def load_training_state(
             path,
         )
         return False
-    rank_state = torch.load(rank_file, weights_only=True, map_location="cpu")
+    rank_state = safe_torch_load(rank_file)
     if engine is None:
         optimizer.load_state_dict(rank_state["optimizer"])
     else:
-        engine.load_checkpoint(
-            str(path / DEEPSPEED_DIR),
-            tag=DEEPSPEED_TAG,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-            load_module_strict=False,
-        )
+        with restricted_checkpoint_reads(engine):
+            engine.load_checkpoint(
+                str(path / DEEPSPEED_DIR),
+                tag=DEEPSPEED_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+                load_module_strict=False,
+            )
     restore_rng_state(rank_state["rng"])
     return True
 

@@ -1,6 +1,11 @@
 """The trainer's checkpointing: where a run starts (fresh, ``--resume``, ``--auto-resume``,
 ``checkpoint.init_from``), the checks that make a resume exact, and saving.
 
+A resume starts from the checkpoint ``latest`` names when it matches its manifest, and
+otherwise from the newest ``step_*`` checkpoint that does (a warning names the damaged file);
+an explicit ``checkpoint.init_from`` that is damaged is an error, there being nothing else to
+load.
+
 Weights are restored before DeepSpeed wraps the model (ZeRO-3 partitions what it is handed),
 the optimizer state after (it lives in the engine), hence the two halves
 :meth:`RunCheckpoints.restore_weights` and :meth:`RunCheckpoints.restore_training_state`.
@@ -15,8 +20,9 @@ from typing import Any, Literal
 
 import torch
 
-from sci_scale.checkpoint.index import CheckpointError, latest_checkpoint
+from sci_scale.checkpoint.index import CheckpointError, resume_candidates
 from sci_scale.checkpoint.manager import CheckpointManager, load_training_state, load_weights
+from sci_scale.checkpoint.manifest import find_damage, is_main_rank, require_intact
 from sci_scale.checkpoint.state import RunState, read_run_state
 from sci_scale.config import Config, config_to_dict
 from sci_scale.data.tokenizer import tokenizer_identity
@@ -59,6 +65,29 @@ def check_same_shape(saved: dict[str, Any], cfg: Config, where: Path) -> None:
         raise CheckpointError(f"checkpoint.init_from={where} holds another model shape ({detail})")
 
 
+def intact_resume_checkpoint(root: Path) -> Path | None:
+    """The checkpoint a resume starts from: the one ``latest`` names if it is intact, else the
+    newest intact ``step_*`` one; None when there are none. Collective when a process group
+    exists (the candidates are checked by every rank together, so all pick the same one).
+    Raises a :class:`CheckpointError` naming the damaged files when none is intact."""
+    candidates, pointer_problem = resume_candidates(root)
+    bad = [pointer_problem] if pointer_problem else []
+    if pointer_problem and is_main_rank():
+        log.warning("%s: looking for the newest intact checkpoint", pointer_problem)
+    for candidate in candidates:
+        damage = find_damage(candidate)
+        if damage is None:
+            if bad and is_main_rank():
+                log.warning("resuming from %s, the newest intact checkpoint", candidate)
+            return candidate
+        if is_main_rank():
+            log.warning("damaged checkpoint: %s; trying the previous one", damage)
+        bad.append(str(damage))
+    if bad:
+        raise CheckpointError(f"no intact checkpoint under {root}: {'; '.join(bad)}")
+    return None
+
+
 class RunCheckpoints:
     """``resume``: False starts fresh, True continues from ``latest`` (an error when there is
     none), "auto" continues when a checkpoint exists and starts fresh otherwise (what a job
@@ -76,7 +105,7 @@ class RunCheckpoints:
         self.world_size = world_size
         self.tokenizer = tokenizer_identity(tokenizer_path)
         self.manager = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last)
-        self.resume_from = latest_checkpoint(self.manager.root) if resume else None
+        self.resume_from = intact_resume_checkpoint(self.manager.root) if resume else None
         if resume == "auto" and self.resume_from is None:
             log.info("no checkpoint under %s: starting a new run", self.manager.root)
         elif resume is True and self.resume_from is None:
@@ -98,6 +127,7 @@ class RunCheckpoints:
             return state.step, state.consumed_samples
         init = self.cfg.checkpoint.init_from
         if init:
+            require_intact(Path(init))
             check_same_shape(read_run_state(Path(init)).config.get("model", {}), self.cfg, init)
             load_weights(Path(init), model, allow_missing_sci=True)
             log.info("initial weights from %s", init)
