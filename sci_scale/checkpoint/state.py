@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sci_scale.checkpoint.index import RUN_STATE, CheckpointError
+from sci_scale.checkpoint.safe_load import safe_torch_load
 
 FORMAT_VERSION = 1
 
@@ -50,13 +49,19 @@ class RunState:
 
 def read_run_state(path: Path) -> RunState:
     """The run state of a complete checkpoint; a clear error for anything else, and never
-    unpickling code (``weights_only``)."""
+    unpickling code (``safe_load``)."""
     if not (path / RUN_STATE).exists():
         raise CheckpointError(f"{path} is not a sci-scale checkpoint (no {RUN_STATE})")
-    state = torch.load(path / RUN_STATE, weights_only=True, map_location="cpu")
+    state = safe_torch_load(path / RUN_STATE)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / RUN_STATE}: not a sci-scale run state")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {state.get('format_version')}, "
             f"this sci-scale reads {FORMAT_VERSION}"
         )
-    return RunState.from_dict(state)
+    try:
+        return RunState.from_dict(state)
+    except KeyError as exc:
+        missing = f"no {exc} field; not a complete run state"
+        raise CheckpointError(f"{path / RUN_STATE}: {missing}") from None

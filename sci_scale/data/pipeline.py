@@ -25,7 +25,9 @@ from megatron.core.datasets.utils import Split
 from sci_scale.config.schema import Config
 from sci_scale.data.blocks import BlockStream, PairBlockDataset, TokenizedExample, template_id
 from sci_scale.data.corpus import CorpusError, iter_jsonl_texts, stdlib_docstrings
+from sci_scale.data.index_cache import check_index_cache
 from sci_scale.data.indexed import (
+    check_split_shares,
     open_indexed_dataset,
     read_dataset_meta,
     tokenize_documents,
@@ -81,9 +83,26 @@ def corpus_texts(cfg: Config) -> list[str]:
         texts = [t for path in d.corpus_paths for t in iter_jsonl_texts(path, d.text_key)]
         if d.max_docs is not None:
             texts = texts[: d.max_docs]
-    if not texts:
-        raise ValueError("the corpus is empty: no documents were read")
+    if not any(text.strip() for text in texts):
+        raise CorpusError(
+            f"{_corpus_name(cfg)} is empty: "
+            + (f"{len(texts)} documents, every one blank" if texts else "no documents")
+        )
     return texts
+
+
+def _corpus_name(cfg: Config) -> str:
+    """The corpus as the config names it, for messages about it."""
+    d = cfg.data
+    paths = "" if d.corpus == "stdlib_docstrings" else f" ({', '.join(d.corpus_paths)})"
+    limit = f" with data.max_docs={d.max_docs}" if d.max_docs is not None else ""
+    return f"the corpus data.corpus={d.corpus}{paths}{limit}"
+
+
+def check_shares(cfg: Config, prefixes: list[str]) -> None:
+    """Each share of data.split must get a document of each corpus (else megatron hangs)."""
+    names = None if cfg.data.corpus == "indexed" else [_corpus_name(cfg)]
+    check_split_shares(prefixes, cfg.data.split, names)
 
 
 def pair_examples(cfg: Config) -> tuple[list[Example], list[Example]]:
@@ -225,6 +244,7 @@ def corpus_prefixes(
 def _gpt_config(
     cfg: Config, cache: Path, prefixes: list[str], weights: list[float] | None, tokenizer: Any
 ) -> GPTDatasetConfig:
+    check_index_cache(cache / "index")  # megatron unpickles what it finds there
     return GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
@@ -248,6 +268,7 @@ def heldout_corpus(cfg: Config, cache: Path, tokenizer: Any) -> GPTDataset:
     one epoch is built (megatron shuffles the blocks of several epochs together, which would
     repeat blocks before every one has been seen)."""
     prefixes, weights = corpus_prefixes(cfg, cache, tokenizer)
+    check_shares(cfg, prefixes)
     config = _gpt_config(cfg, cache, prefixes, weights, tokenizer)
     _, _, test = BlendedMegatronDatasetBuilder(GPTDataset, [1, 1, 1], lambda: True, config).build()
     if test is None:
@@ -275,6 +296,7 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     n_train = num_train_samples(cfg)
     n_valid = num_eval_samples(cfg)
     r = d.pair_rate
+    check_shares(cfg, prefixes)
     corpus_needed = math.ceil(n_train * (1 - r) * 1.01) + 1
     gpt_config = _gpt_config(cfg, cache, prefixes, weights, tokenizer)
     train_gpt, valid_gpt, _ = BlendedMegatronDatasetBuilder(
@@ -303,14 +325,7 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     if r == 0 or not train_examples:
         if r > 0:
             log.warning("data.pair_rate=%s but no training pairs were generated", r)
-        return DataBundle(
-            tokenizer,
-            train_corpus,
-            valid_corpus,
-            heldout,
-            0.0,
-            cache,
-        )
+        return DataBundle(tokenizer, train_corpus, valid_corpus, heldout, 0.0, cache)
 
     pairs_needed = math.ceil(n_train * r * 1.01) + 1
     pair_ds = PairBlockDataset(
@@ -347,14 +362,7 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         realised,
         r,
     )
-    return DataBundle(
-        tokenizer,
-        train,
-        valid_corpus,
-        heldout,
-        realised,
-        cache,
-    )
+    return DataBundle(tokenizer, train, valid_corpus, heldout, realised, cache)
 
 
 def realised_blend(bundle: DataBundle, prefixes: list[str], blocks: int) -> dict[str, float]:
