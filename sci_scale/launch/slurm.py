@@ -6,6 +6,36 @@ queued the configuration is frozen into ``RUN_DIR/config.yaml`` (so a requeued j
 was submitted, whatever happens to the source YAML) and its parallel layout is checked against
 nodes x tasks per node, with the same check and message the trainer uses at start-up, and
 against the GPUs' memory with the planner of ``sci-scale plan`` (``launch.memory_plan``).
+
+Every value taken from the config or the options reaches the script in one of two places, and
+each has its own reader, so each has its own quoting:
+
+- Shell lines (variable assignments, arrays, commands) are read by bash: values go through the
+  template's ``q`` filter (``shlex.quote``), so a ``$(...)``, a backtick or a ``;`` in a run
+  directory stays text. ``--launcher`` is split into words as a shell would split it (quotes
+  group, nothing is expanded) and each word is quoted.
+- ``#SBATCH`` lines are read by sbatch's own tokenizer, which splits on whitespace, honours
+  double quotes and backslashes, and treats an unquoted ``#`` as a comment. Values go through
+  ``sbatch_quote``, which double-quotes a value holding any of those and escapes backslashes,
+  ``"`` and ``#`` inside (a form that older sbatch releases, which know no single quotes, read
+  the same way).
+  In ``--output``/``--error`` paths ``%`` is doubled, since sbatch expands ``%j``, ``%x``...;
+  a path with a backslash is refused, because a backslash turns that expansion off.
+
+Before anything is rendered, each value is checked (``script_values``); a failure is a
+one-line :class:`ConfigError` naming the key, so ``sci-scale submit`` exits 2:
+
+- No value may hold a control character (newline, carriage return, NUL, tab, ...) or a Unicode
+  line or paragraph separator: sbatch stops reading directives at the first line that is not
+  ``#SBATCH``, so a line break would end a directive and start a shell line that runs.
+- ``#SBATCH`` values must have the form sbatch accepts: ``--time`` minutes, ``MM:SS``,
+  ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS`` or ``UNLIMITED``; ``--mem`` an integer with
+  an optional K/M/G/T suffix (``0``: all of a node's memory); ``--partition`` and ``--qos``
+  comma-separated names, ``--account`` one name, names of letters, digits and ``_.+-``;
+  ``--constraint`` feature names joined by ``& | , :`` with ``[ ] ( ) * !``; the job name
+  (``--job-name``, default ``sci-<run.name>``) anything printable but ``/``, as it names the
+  log files through ``%x``; counts are integers; extra ``--sbatch`` directives start with ``-``
+  and are written as given (quote inside them for sbatch yourself).
 """
 
 from __future__ import annotations
@@ -18,6 +48,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import yaml
@@ -26,6 +57,13 @@ from sci_scale.config import Config, ConfigError, config_to_dict
 from sci_scale.config.layout import data_parallel_size
 from sci_scale.errors import UserError
 from sci_scale.launch.memory_plan import DEFAULT_GPU_MEMORY, plan_memory, require_fit
+from sci_scale.launch.script_quoting import (
+    count,
+    directive_value,
+    optional_directive,
+    refuse_control_characters,
+    sbatch_quote,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +138,112 @@ def check_layout(cfg: Config, opts: SubmitOptions) -> int:
     return dp
 
 
-def default_launcher() -> str:
-    """This interpreter's sci-scale: on a shared filesystem the nodes run the same install."""
-    return f"{shlex.quote(sys.executable)} -m sci_scale"
+def _job_name(cfg: Config, opts: SubmitOptions) -> str:
+    """The job name; it names the log files (``%x`` in ``--output``), so it holds no ``/``."""
+    key, name = ("--job-name", opts.job_name) if opts.job_name else ("run.name", cfg.run.name)
+    refuse_control_characters(key, name)
+    if not name or "/" in name:
+        raise ConfigError(
+            f"{key} {name!r}: the job name must be non-empty and hold no '/', since it names "
+            "the job's log files (%x in --output)"
+            + ("; pass --job-name" if key == "run.name" else "")
+        )
+    return opts.job_name or f"sci-{name}"
+
+
+def _log_dir(run_dir: Path) -> str:
+    """The run's Slurm log directory as an sbatch file name pattern (``%`` doubled)."""
+    log_dir = str(run_dir / SLURM_DIR)
+    if "\\" in log_dir:
+        raise ConfigError(
+            f"run.dir {str(run_dir)!r} contains a backslash, which turns off sbatch's %j/%x "
+            "file name patterns in --output; choose a run directory without one"
+        )
+    return log_dir.replace("%", "%%")
+
+
+def extra_directive(directive: str) -> str:
+    """An extra ``--sbatch`` directive: one line, an option; written as given."""
+    refuse_control_characters("--sbatch", directive)
+    if not directive.startswith("-"):
+        raise ConfigError(f"--sbatch {directive!r} is not an sbatch option (e.g. --mail-type=END)")
+    return directive
+
+
+def launcher_words(opts: SubmitOptions) -> list[str]:
+    """The command the tasks run, as words: ``--launcher`` split as a shell splits it (quotes
+    group, nothing is expanded), or this interpreter's (in a container, the image's) Python:
+    on a shared filesystem the nodes run the same install."""
+    if opts.launcher is None:
+        python = "python" if opts.container_image else sys.executable
+        return [python, "-m", "sci_scale"]
+    refuse_control_characters("--launcher", opts.launcher)
+    try:
+        words = shlex.split(opts.launcher)
+    except ValueError as exc:
+        raise ConfigError(f"--launcher {opts.launcher!r}: {exc}") from None
+    if not words:
+        raise ConfigError("--launcher is empty: give the sci-scale command on the nodes")
+    return words
+
+
+def script_values(cfg: Config, config_path: Path, opts: SubmitOptions) -> dict[str, Any]:
+    """The template's variables, each checked for where it lands (see the module docstring);
+    a ConfigError names the first key that cannot be rendered safely."""
+    run_dir = Path(refuse_control_characters("run.dir", cfg.run.dir)).resolve()
+    refuse_control_characters("run.dir", str(run_dir))
+    config = refuse_control_characters("config path", str(config_path.resolve()))
+    log_dir = _log_dir(run_dir)
+    words = launcher_words(opts)
+    image = opts.container_image
+    mounts = opts.container_mounts
+    for key, value in (("--container-image", image), ("--container-mounts", mounts)):
+        if value is not None:
+            refuse_control_characters(key, value)
+    nodes = count("--nodes", opts.nodes, 1)
+    tasks = count("--tasks-per-node", opts.ranks_per_node, 1)
+    gpus = count("--gpus-per-node", opts.gpus_per_node, 0)
+    cpus = None if opts.cpus_per_task is None else count("--cpus-per-task", opts.cpus_per_task, 1)
+    dp = opts.world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    return {
+        "job_name": _job_name(cfg, opts),
+        "nodes": nodes,
+        "tasks_per_node": tasks,
+        "gpus_per_node": gpus,
+        "cpus_per_task": cpus,
+        "mem": optional_directive("--mem", opts.mem),
+        "time": directive_value("--time", opts.time),
+        "partition": optional_directive("--partition", opts.partition),
+        "account": optional_directive("--account", opts.account),
+        "qos": optional_directive("--qos", opts.qos),
+        "constraint": optional_directive("--constraint", opts.constraint),
+        "exclusive": bool(opts.exclusive),
+        "signal_seconds": count("--signal-seconds", opts.signal_seconds, 0),
+        "max_requeues": count("--max-requeues", opts.max_requeues, 0),
+        "container_image": image,
+        "container_mounts": mounts or str(run_dir),
+        "extra_sbatch": [extra_directive(directive) for directive in opts.extra_sbatch],
+        "launcher_words": words,
+        "launcher": shlex.join(words),  # for site templates written as SCI_SCALE=({{ launcher }})
+        "run_dir": str(run_dir),
+        "log_dir": log_dir,
+        "output": f"{log_dir}/%x-%j.out",
+        "error": f"{log_dir}/%x-%j.err",
+        "config": config,
+        "world_size": nodes * tasks,
+        "layout": f"TP{cfg.parallel.tensor} x PP{cfg.parallel.pipeline} x DP{dp}",
+    }
 
 
 def render_script(cfg: Config, config_path: Path, opts: SubmitOptions) -> str:
-    """The batch script for a run, from ``opts.template``."""
-    run_dir = Path(cfg.run.dir).resolve()
+    """The batch script for a run, from ``opts.template``.
+
+    The template gets checked values (``script_values``) and two filters: ``q`` for anything in
+    a shell line, ``sbatch_quote`` for anything in an #SBATCH line. ``log_dir`` is already an
+    sbatch file name pattern (``%`` doubled) and ``launcher`` already shell-quoted words."""
     if not opts.template.is_file():
         raise ConfigError(f"Slurm template {opts.template} does not exist")
+    values = script_values(cfg, config_path, opts)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(opts.template.parent)),
         undefined=jinja2.StrictUndefined,
@@ -118,35 +252,8 @@ def render_script(cfg: Config, config_path: Path, opts: SubmitOptions) -> str:
         lstrip_blocks=True,
     )
     env.filters["q"] = lambda value: shlex.quote(str(value))
-    launcher = opts.launcher or ("python -m sci_scale" if opts.container_image else None)
-    return env.get_template(opts.template.name).render(
-        job_name=opts.job_name or f"sci-{cfg.run.name}",
-        nodes=opts.nodes,
-        tasks_per_node=opts.ranks_per_node,
-        gpus_per_node=opts.gpus_per_node,
-        cpus_per_task=opts.cpus_per_task,
-        mem=opts.mem,
-        time=opts.time,
-        partition=opts.partition,
-        account=opts.account,
-        qos=opts.qos,
-        constraint=opts.constraint,
-        exclusive=opts.exclusive,
-        signal_seconds=opts.signal_seconds,
-        max_requeues=opts.max_requeues,
-        container_image=opts.container_image,
-        container_mounts=opts.container_mounts or str(run_dir),
-        extra_sbatch=opts.extra_sbatch,
-        launcher=launcher or default_launcher(),
-        run_dir=str(run_dir),
-        log_dir=str(run_dir / SLURM_DIR),
-        config=str(config_path.resolve()),
-        world_size=opts.world_size,
-        layout=(
-            f"TP{cfg.parallel.tensor} x PP{cfg.parallel.pipeline} x "
-            f"DP{opts.world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)}"
-        ),
-    )
+    env.filters["sbatch_quote"] = sbatch_quote
+    return env.get_template(opts.template.name).render(**values)
 
 
 @dataclass
@@ -176,10 +283,10 @@ def submit(cfg: Config, opts: SubmitOptions, dry_run: bool = False) -> Submissio
         return Submission(None, run_dir, slurm_dir / "train.sbatch", script)
     if shutil.which("sbatch") is None:
         raise SubmitError("sbatch not found: run sci-scale submit on a Slurm login node")
+    script = render_script(cfg, config_path, opts)  # before any file: a refused value leaves none
     slurm_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create output directories
     with open(config_path, "w") as handle:
         yaml.safe_dump(config_to_dict(cfg), handle, sort_keys=False)
-    script = render_script(cfg, config_path, opts)
     script_path = slurm_dir / f"train-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     script_path.write_text(script)
     proc = subprocess.run(
