@@ -47,12 +47,22 @@ def _auroc(positive: Tensor, negative: Tensor) -> float:
     return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+METRICS = (
+    *("alignment", "uniformity", "pos_cos", "neg_cos", "cos_gap", "cos_auroc", "rankme"),
+    *("participation_ratio", "alpha_req", "recall_at_1", "recall_at_5", "mrr"),
+)
+
+
 def representation_metrics(z: Tensor, templates: Tensor) -> dict[str, float]:
-    z = torch.nn.functional.normalize(z.detach().double(), dim=-1)
+    """Every metric of :data:`METRICS`; all NaN when an embedding is not finite (a diverging
+    model's eval reports NaN instead of failing inside the SVD)."""
     templates = templates.detach()
     positive, negative = _pair_masks(templates)
     if not positive.any() or not negative.any():
         raise ValueError("metrics need at least one positive and one negative pair")
+    if not bool(torch.isfinite(z).all()):
+        return dict.fromkeys(METRICS, math.nan)
+    z = torch.nn.functional.normalize(z.detach().double(), dim=-1)
     cos = z @ z.T
     sq_dist = (2 - 2 * cos).clamp_min(0)
     n = len(z)

@@ -5,6 +5,10 @@ are averaged here, tied embeddings split across pipeline stages get their two gr
 and the clipping norm is the global one: every parameter counted once over tensor and pipeline
 ranks (a weight replicated across tensor ranks only on tensor rank 0, the output copy of a tied
 embedding not at all).
+
+Under DeepSpeed the gradients are reduced and partitioned inside ``engine.step()``, so no
+global norm exists before the update; :class:`NonFiniteWatch` sees every gradient as autograd
+produces it instead, which is what the skip decision (``train.guards``) needs before the step.
 """
 
 from __future__ import annotations
@@ -78,3 +82,34 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
             if p.grad is not None:
                 p.grad.mul_(scale)
     return norm
+
+
+class NonFiniteWatch:
+    """Whether any gradient this rank produced since the last read was NaN or infinite.
+
+    A tensor hook on every trainable parameter adds the sum of each incoming gradient (every
+    micro-batch's contribution, before accumulation and before DeepSpeed's own post-accumulate
+    hooks move it into ZeRO's buffers) to one float32 accumulator on the device, without a
+    host sync. A non-finite element makes the sum non-finite. A finite sum can only overflow
+    when some element exceeds 1e19, whose square already overflows the float32 norm DeepSpeed
+    computes, so "the sum is not finite" implies "the global norm is not finite"; the converse
+    edge (a norm overflowing from finite elements) is caught by DeepSpeed's own overflow check.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.total = torch.zeros((), dtype=torch.float32, device=current_device())
+        self.handles = [p.register_hook(self._see) for p in model.parameters() if p.requires_grad]
+
+    def _see(self, grad: torch.Tensor) -> None:
+        self.total.add_(grad.detach().sum(dtype=torch.float32).to(self.total.device))
+
+    def read_and_reset(self) -> float:
+        """The accumulated sum (non-finite when some gradient was), then zero again."""
+        value = float(self.total)
+        self.total.zero_()
+        return value
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []

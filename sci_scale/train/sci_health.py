@@ -86,6 +86,8 @@ def heldout_representation(
     except ValueError as exc:  # e.g. a held-out set without a negative pair
         log.warning("no SCI representation metrics: %s", exc)
         return {}
+    if any(math.isnan(v) for v in metrics.values()):
+        log.warning("held-out SCI embeddings are not finite at step %d: metrics are NaN", step)
     warning = collapse_warning(metrics)
     if warning:
         log.warning("%s at step %d", warning, step)

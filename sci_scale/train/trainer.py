@@ -41,10 +41,12 @@ from sci_scale.train.grads import (
     clip_grad_norm,
     mark_tied_output_copy,
 )
+from sci_scale.train.guards import Skip, StepGuard, check_finite_state, deepspeed_step
 from sci_scale.train.memory import FirstStepMemory
 from sci_scale.train.metrics import MetricsSink
 from sci_scale.train.optim import build_optimizer, lr_at, set_lr
 from sci_scale.train.phases import FreezeSchedule
+from sci_scale.train.run_dir import RunDirectoryInUse, claim_run_dir
 from sci_scale.train.schedule import StepSchedule
 from sci_scale.train.sci_health import gather_embeddings, heldout_representation, sci_step_summary
 from sci_scale.train.stopping import StopConditions
@@ -61,6 +63,7 @@ class TrainResult:
     wall_time_s: float = 0.0
     pair_rate_realised: float = 0.0
     stop_reason: str | None = None  # set when a signal or train.max_wall_minutes ended the run
+    skipped_steps: int = 0  # updates the step guard skipped (train.guards), this invocation
 
     @property
     def finished(self) -> bool:
@@ -86,6 +89,11 @@ class Trainer:
     def __init__(
         self, cfg: Config, resume: bool | Literal["auto"] = False, overwrite: bool = False
     ) -> None:
+        if overwrite and resume:
+            raise RunDirectoryInUse(
+                "--overwrite starts a new run in place of the old one; it cannot be combined "
+                "with --resume or --auto-resume"
+            )
         self.cfg = cfg
         self.resume = resume
         self.overwrite = overwrite
@@ -96,7 +104,9 @@ class Trainer:
     def setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         # Checked on every rank before any process group exists: nothing can hang on it.
-        data_parallel_size(cfg, read_dist_env()[1])
+        rank, world, _ = read_dist_env()
+        data_parallel_size(cfg, world)
+        claim_run_dir(self.run_dir, bool(self.resume), self.overwrite, is_main=rank == 0)
         check_master_weights(cfg)
         p = cfg.parallel
         self.env = init_distributed(
@@ -146,6 +156,7 @@ class Trainer:
         self.schedule = StepSchedule(cfg, schedule_models, self.dp_rank, self.dp_size)
         self.memory = FirstStepMemory(self.env.rank)
         self.progress = ProgressLog(cfg)
+        self.guard = StepGuard(cfg, self.env.world_size, self.is_main, self.engine and self.model)
         self.stops = StopConditions(
             t.max_wall_minutes, self.is_main, self.env.world_size, started=self.started
         )
@@ -196,7 +207,7 @@ class Trainer:
             forward_only=False,
             scl_weight=alpha / self.num_microbatches,
         )
-        grad_norm = self._apply_gradients(step)
+        grad_norm, skip = self._apply_gradients(step, result.lm_loss)
         elapsed = time.perf_counter() - start
         self.step = step
         self.consumed_samples += t.global_batch_size
@@ -210,6 +221,7 @@ class Trainer:
             "lr": lr,
             "alpha": alpha,
             "grad_norm": grad_norm,
+            "skipped": skip.reason if skip else None,
             "pair_blocks": pair_blocks,
             "blocks": blocks,
             "consumed_samples": self.consumed_samples,
@@ -219,24 +231,27 @@ class Trainer:
             record.update(self.memory.record_fields())
         return record
 
-    def _apply_gradients(self, step: int) -> float:
-        """Reduce, clip and apply the accumulated gradients; returns the global grad norm."""
+    def _apply_gradients(self, step: int, loss: float) -> tuple[float, Skip | None]:
+        """Reduce, clip and apply the accumulated gradients unless the guard skips the step
+        (decided before the update, by every rank); returns the global grad norm and the skip."""
         for weight in self.tied_weights:
             allreduce_tied_embedding_grads(weight)
         self.memory.before_update(self.model, self.optimizer, self.engine)
         if self.engine is not None:
-            self.engine.step()
-            norm = self.engine.get_global_grad_norm()
-            norm = float(norm) if norm is not None else float("nan")
+            skip = self.guard.decide(loss)
+            norm, skip = deepspeed_step(self.engine, self.optimizer, self.model, skip)
         else:
             params = [p for p in self.model.parameters() if p.requires_grad]
             allreduce_data_parallel_grads(params)
             self.freeze.drop_frozen_grads(step)
             norm = clip_grad_norm(params, self.cfg.train.clip_grad)
-            self.optimizer.step()
+            skip = self.guard.decide(loss, norm)
+            if skip is None:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.memory.after_update(self.model, self.optimizer, self.engine)
-        return norm
+        self.guard.record(step, skip, loss)
+        return norm, skip
 
     # -- eval ----------------------------------------------------------------------------
     def _forward_only(self, dataset: Any, batches: int, collect: bool = False):
@@ -262,6 +277,7 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------
     def _save(self) -> Path:
+        check_finite_state(self.model, self.optimizer, self.step, self.env.world_size)
         return self.checkpoints.save(
             self.model, self.optimizer, self.engine, self.step, self.consumed_samples
         )
@@ -272,6 +288,13 @@ class Trainer:
         last_saved = self.step if self.checkpoints.resuming else -1
         if cfg.checkpoint.save_initial and self.step == 0:
             result.checkpoint, last_saved = self._save(), 0
+        if self.step < stop_at and (early := self.stops.reason(wall_clock=False)):
+            result.stop_reason = early  # a signal during set-up: no step ran, nothing new to save
+            if self.is_main:
+                log.warning(
+                    "stopping before step %d (%s): nothing new to save", self.step + 1, early
+                )
+            return
         if self.step >= t.steps:
             log.info("nothing to do: step %d already reached train.steps=%d", self.step, t.steps)
         log.info(
@@ -287,8 +310,7 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.write(record)
             self.progress.add(record)
-            if not math.isfinite(record["lm_loss"]):
-                raise FloatingPointError(f"LM loss is {record['lm_loss']} at step {self.step}")
+            self.guard.stop_if_diverged()
             stop_reason = self.stops.reason() if self.step < stop_at else None
             if self.step % cfg.checkpoint.interval == 0 or stop_reason:
                 result.checkpoint, last_saved = self._save(), self.step
@@ -321,13 +343,11 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
             destroy_distributed()
-        result.step = self.step
+        result.step, result.skipped_steps = self.step, self.guard.total
         result.wall_time_s = time.perf_counter() - wall
         log.info(
-            "done: step %d in %s; run directory %s",
-            self.step,
-            fmt_duration(result.wall_time_s),
-            self.run_dir,
+            "done: step %d in %s, %d update(s) skipped; run directory %s",
+            *(self.step, fmt_duration(result.wall_time_s), self.guard.total, self.run_dir),
         )
         return result
 
