@@ -364,3 +364,112 @@ def test_model_parallel_must_divide_the_world():
 def test_importing_the_config_stays_light():
     code = "import sys, sci_scale.config; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# --- values that cannot make sense ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lr=.inf", "train.lr: expected a finite number, got inf"),
+        ("train.lr=.nan", "train.lr: expected a finite number, got nan"),
+        ("train.lr=-inf", "train.lr: expected a finite number, got '-inf'"),
+        ("sci.tau=.inf", "sci.tau: expected a finite number, got inf"),
+        ("data.corpus_weights=[1, .nan]", "data.corpus_weights[1]: expected a finite number"),
+        ("experiment.pair_rates=[.inf]", "experiment.pair_rates[0]: expected a finite number"),
+        # null, not infinity, lifts a limit
+        ("train.max_wall_minutes=.inf", "train.max_wall_minutes: expected a finite number or null"),
+        ("train.loss_spike_factor=.inf", "train.loss_spike_factor: expected a finite number or"),
+    ],
+)
+def test_no_float_setting_takes_nan_or_infinity(override, expected):
+    assert config_error(override).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lr=0", "train.lr must be positive, got 0.0"),
+        ("train.lr=-1e-3", "train.lr must be positive, got -0.001"),
+        ("train.min_lr=-1e-5", "train.min_lr must be >= 0, got -1e-05"),
+        ("train.warmup_steps=-1", "train.warmup_steps must be >= 0, got -1"),
+        ("train.weight_decay=-0.1", "train.weight_decay must be >= 0, got -0.1"),
+        ("train.adam_beta1=1.0", "train.adam_beta1 must be in [0, 1), got 1.0"),
+        ("train.adam_beta2=-0.5", "train.adam_beta2 must be in [0, 1), got -0.5"),
+        ("train.adam_eps=0", "train.adam_eps must be positive, got 0.0"),
+        ("train.clip_grad=-1", "train.clip_grad must be >= 0 (0 turns clipping off), got -1.0"),
+        ("train.eval_batches=0", "train.eval_batches must be positive, got 0"),
+        ("train.max_consecutive_skips=0", "train.max_consecutive_skips must be >= 1, got 0"),
+        ("train.loss_spike_factor=1.0", "train.loss_spike_factor must be > 1 (or null"),
+        ("train.loss_spike_window=1", "train.loss_spike_window must be >= 2, got 1"),
+        ("model.hidden_dropout=1.5", "model.hidden_dropout must be in [0, 1), got 1.5"),
+        ("model.hidden_dropout=1", "model.hidden_dropout must be in [0, 1), got 1.0"),
+        ("model.attention_dropout=-0.1", "model.attention_dropout must be in [0, 1), got -0.1"),
+        ("model.norm_epsilon=0", "model.norm_epsilon must be positive, got 0.0"),
+        ("model.init_method_std=-0.02", "model.init_method_std must be positive"),
+        ("sci.lr_scale=-1", "sci.lr_scale must be >= 0, got -1.0"),
+        ("sci.alpha_warmup_steps=-5", "sci.alpha_warmup_steps must be >= 0, got -5"),
+        ("data.max_docs=0", "data.max_docs must be positive (or null for every document), got 0"),
+    ],
+)
+def test_out_of_range_values_are_refused_with_the_key(override, expected):
+    assert config_error(override).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.clip_grad=0",  # clipping off
+        "train.warmup_steps=0",
+        "train.min_lr=0",
+        "train.weight_decay=0",
+        "train.adam_beta1=0",
+        "model.hidden_dropout=0.1",
+        "train.max_consecutive_skips=1",
+        "train.loss_spike_factor=1.5",
+        "train.loss_spike_window=2",
+        "sci.lr_scale=0",  # the branch keeps its initial weights
+        "train.max_wall_minutes=null",
+    ],
+)
+def test_the_edges_that_mean_something_are_accepted(override):
+    load_config(TINY, [override])
+
+
+def test_llama3_rope_factors_must_be_ordered():
+    message = config_error("model.rope_scaling_factor=8", "model.rope_low_freq_factor=4")
+    assert message.startswith("model.rope_low_freq_factor (4.0) and model.rope_high_freq_factor")
+    assert load_config(TINY, ["model.rope_scaling_factor=8"]).model.rope_scaling_factor == 8.0
+    assert load_config(TINY, ["model.rope_low_freq_factor=4"])  # unused without the scaling
+
+
+@pytest.mark.parametrize(
+    "split, expected",
+    [
+        ("abc", "data.split must be one to three comma-separated non-negative numbers"),
+        ("-1,2,1", "data.split must be one to three"),  # megatron would drop the sign
+        ("1e-3", "data.split must be one to three"),  # megatron would read 1 and 3
+        ("98,1,1,0", "data.split must be one to three"),
+        ("98;1;1", "data.split must be one to three"),
+        ("", "data.split must be one to three"),
+        ("0,0,0", "data.split must have a positive weight, got '0,0,0'"),
+        ("0,1,1", "data.split='0,1,1' leaves the training share empty"),
+        ("99,0,1", "data.split='99,0,1' leaves the validation share empty"),
+        ("100", "data.split='100' leaves the validation share empty"),
+    ],
+)
+def test_data_split_is_what_megatron_reads_as_written(split, expected):
+    assert config_error(f"data.split='{split}'").startswith(expected)
+
+
+@pytest.mark.parametrize("split", ["98,1,1", "99,1,0", "99,1", "0.9, 0.1, 0", ".5,.5,1", "8,2,0."])
+def test_data_split_in_megatron_format_is_accepted_and_read_alike(split):
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
+    from sci_scale.config.split import split_weights
+
+    cfg = load_config(TINY, [f"data.split='{split}'"])
+    weights = split_weights(cfg.data.split)
+    total = sum(weights)
+    assert parse_and_normalize_split(cfg.data.split) == pytest.approx([w / total for w in weights])

@@ -4,23 +4,30 @@ Sub-commands are thin: they parse arguments, set up logging and call the library
 of them lives in its own module (``train``, ``launch``, ``convert``, ``evaluate``,
 ``experiment``, ``data``) with its parser and handlers; this one composes them. Errors the user
 can fix (config, data, layout) print as one line and exit with status 2; anything else is a bug
-and keeps its traceback.
+and keeps its traceback. SIGTERM and SIGUSR1 are held from the first line of :func:`main`, so
+that ``sci-scale train`` stops cleanly on one that comes before its trainer is listening
+(``sci_scale.train.stopping``); every other command gets them back as they were once parsed.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
 from sci_scale.cli import convert, data, evaluate, experiment, launch, train
 from sci_scale.cli.common import DEFAULT_CONFIG, USER_ERRORS, gather_overrides, resolve_config
+from sci_scale.train.stopping import hold_early_signals, release_early_signals
 
 __all__ = ["DEFAULT_CONFIG", "build_parser", "main", "parse_args", "setup_logging"]
 
 # Importers (and tests) that resolve configs through this module find it here too.
 _resolve_config = resolve_config
+
+# Commands whose trainer takes over a SIGTERM/SIGUSR1 that came while they were setting up.
+HOLDS_SIGNALS = ("train",)
 
 # In the order ``sci-scale --help`` lists them.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
@@ -88,7 +95,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    held = hold_early_signals()  # before torch or megatron load: see sci_scale.train.stopping
+    try:
+        args = parse_args(argv)
+        if args.command not in HOLDS_SIGNALS:
+            held, pending = {}, release_early_signals(held)
+            if pending:  # what would have happened had nothing held it
+                signal.raise_signal(signal.Signals[pending])
+        status = _run(args)
+    finally:
+        pending = release_early_signals(held) if held else None
+    if pending and status == 0:  # came too early for the trainer to stop on it
+        print(f"sci-scale {args.command}: stopped by {pending}", file=sys.stderr)
+        return 128 + signal.Signals[pending]
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     if getattr(args, "trust_checkpoint", False):
         from sci_scale.checkpoint.trust import trust_checkpoints

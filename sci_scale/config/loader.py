@@ -104,6 +104,9 @@ def _error(err: Any) -> ConfigError:
     if kind in _TYPE_ERRORS or kind == "literal_error":
         expected = "bool (true/false)" if tp is bool else _type_name(tp)
         return ConfigError(f"{key}: expected {expected}, got {value!r}")
+    if kind == "finite_number":  # the schema's Float refuses NaN and infinity
+        nullable = " or null" if "null" in _type_name(tp) else ""
+        return ConfigError(f"{key}: expected a finite number{nullable}, got {value!r}")
     return ConfigError(f"{key or 'config'}: {err['msg']}, got {value!r}")  # pragma: no cover
 
 

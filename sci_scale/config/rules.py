@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from sci_scale.config.errors import ConfigError
 from sci_scale.config.schema import Config
+from sci_scale.config.split import split_weights
 
 
 def _require(cond: bool, message: str) -> None:
@@ -18,9 +19,20 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _require_positive(*pairs: tuple[str, int]) -> None:
+def _require_positive(*pairs: tuple[str, int | float]) -> None:
     for key, value in pairs:
         _require(value > 0, f"{key} must be positive, got {value}")
+
+
+def _require_at_least(low: int | float, *pairs: tuple[str, int | float]) -> None:
+    for key, value in pairs:
+        _require(value >= low, f"{key} must be >= {low}, got {value}")
+
+
+def _require_probability(*pairs: tuple[str, float]) -> None:
+    """Dropout rates: 1 would drop every activation (and torch refuses more than 1)."""
+    for key, value in pairs:
+        _require(0.0 <= value < 1.0, f"{key} must be in [0, 1), got {value}")
 
 
 def _sizes(cfg: Config) -> None:
@@ -40,11 +52,27 @@ def _sizes(cfg: Config) -> None:
         ("checkpoint.interval", cfg.checkpoint.interval),
         ("train.log_interval", t.log_interval),
         ("train.eval_interval", t.eval_interval),
+        ("train.eval_batches", t.eval_batches),
     )
 
 
 def _model_shape(cfg: Config) -> None:
     m = cfg.model
+    _require_probability(
+        ("model.hidden_dropout", m.hidden_dropout),
+        ("model.attention_dropout", m.attention_dropout),
+    )
+    _require_positive(
+        ("model.norm_epsilon", m.norm_epsilon),
+        ("model.init_method_std", m.init_method_std),
+        ("model.rotary_base", m.rotary_base),
+    )
+    _require(
+        m.rope_scaling_factor is None or 0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+        f"model.rope_low_freq_factor ({m.rope_low_freq_factor}) and model.rope_high_freq_factor "
+        f"({m.rope_high_freq_factor}) must satisfy 0 < low < high: Llama-3 RoPE scaling "
+        "interpolates between the two",
+    )
     _require(
         m.sliding_window is None or m.seq_length <= m.sliding_window,
         f"model.seq_length ({m.seq_length}) exceeds model.sliding_window ({m.sliding_window}): "
@@ -119,6 +147,8 @@ def _parallel_layout(cfg: Config) -> None:
 
 
 def _training(cfg: Config) -> None:
+    """The optimiser's and the step policy's numbers: NaN and infinity are refused by the
+    schema already, so these are the ranges within which each one means something."""
     t = cfg.train
     _require(
         t.max_wall_minutes is None or t.max_wall_minutes > 0,
@@ -129,11 +159,38 @@ def _training(cfg: Config) -> None:
         f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
         f"train.micro_batch_size ({t.micro_batch_size})",
     )
-    _require(t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
+    _require_positive(("train.lr", t.lr), ("train.adam_eps", t.adam_eps))
+    _require_at_least(
+        0,
+        ("train.min_lr", t.min_lr),
+        ("train.warmup_steps", t.warmup_steps),
+        ("train.weight_decay", t.weight_decay),
+    )
     _require(t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
+    for key, beta in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
+        _require(0.0 <= beta < 1.0, f"{key} must be in [0, 1), got {beta}")
+    _require(
+        t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 turns clipping off), got {t.clip_grad}"
+    )
+    _require_at_least(1, ("train.max_consecutive_skips", t.max_consecutive_skips))
+    _require(
+        t.loss_spike_factor is None or t.loss_spike_factor > 1,
+        f"train.loss_spike_factor must be > 1 (or null for no spike policy), got "
+        f"{t.loss_spike_factor}",
+    )
+    _require_at_least(2, ("train.loss_spike_window", t.loss_spike_window))
 
 
 PAIR_SOURCES = ("scan", "arithmetic", "cogs", "user")
+
+
+def _split(cfg: Config) -> None:
+    train, valid, _ = split_weights(cfg.data.split)
+    _require(
+        train > 0 and valid > 0,
+        f"data.split={cfg.data.split!r} leaves the {'training' if train == 0 else 'validation'} "
+        "share empty: training reads the first share and evaluates on the second (e.g. 98,1,1)",
+    )
 
 
 def _data(cfg: Config) -> None:
@@ -151,6 +208,11 @@ def _data(cfg: Config) -> None:
     _require(
         all(w > 0 for w in d.corpus_weights),
         f"data.corpus_weights must be positive, got {d.corpus_weights}",
+    )
+    _split(cfg)
+    _require(
+        d.max_docs is None or d.max_docs > 0,
+        f"data.max_docs must be positive (or null for every document), got {d.max_docs}",
     )
     _require(0.0 <= d.pair_rate < 1.0, f"data.pair_rate must be in [0, 1), got {d.pair_rate}")
     _require(
@@ -262,7 +324,12 @@ def _sci_branch(cfg: Config) -> None:
         0 < s.tau_min <= s.tau <= s.tau_max,
         f"sci.tau ({s.tau}) must lie in [sci.tau_min, sci.tau_max] = [{s.tau_min}, {s.tau_max}]",
     )
-    _require(s.alpha >= 0, f"sci.alpha must be >= 0, got {s.alpha}")
+    _require_at_least(
+        0,
+        ("sci.alpha", s.alpha),
+        ("sci.alpha_warmup_steps", s.alpha_warmup_steps),
+        ("sci.lr_scale", s.lr_scale),
+    )
 
 
 def validate_implementation(cfg: Config) -> None:

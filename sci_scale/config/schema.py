@@ -9,7 +9,10 @@ what was written: ``steps: 1.5`` or ``fuse: "yes"`` are errors, not 1 and True. 
 exceptions follow YAML 1.1, which PyYAML speaks: ``1e-3`` (no dot) is read as a string, so a
 float field takes a string that spells a float; and ``mode: off`` is read as False, so a
 boolean given to a choice field becomes the spelling meant (off, no, false / on, yes, true).
-Ints are accepted where floats are and become floats.
+Ints are accepted where floats are and become floats. No float setting takes NaN or infinity
+(``.inf``, ``.nan``, ``"inf"``): every limit that can be lifted is lifted with null instead
+(``train.max_wall_minutes``, ``train.loss_spike_factor``), so a non-finite value is a typo or a
+placeholder, and one that reached the optimizer would train on NaNs without an error.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pydantic import (
     WrapValidator,
     model_validator,
 )
+from pydantic.types import AllowInfNan
 
 
 def _float_spelled_as_string(value: Any) -> Any:
@@ -47,7 +51,7 @@ def _choice_spelled_as_boolean(value: Any, handler: ValidatorFunctionWrapHandler
     return handler(value)
 
 
-Float = Annotated[float, BeforeValidator(_float_spelled_as_string)]
+Float = Annotated[float, BeforeValidator(_float_spelled_as_string), AllowInfNan(False)]
 _YamlChoice = WrapValidator(_choice_spelled_as_boolean)
 
 SciMode = Annotated[Literal["joint", "frozen", "sci_only", "off"], _YamlChoice]

@@ -39,6 +39,7 @@ from sci_scale.convert.hf_config import (
     hf_config_from_model,
     model_section_from_hf,
     read_hf_config,
+    read_json,
 )
 from sci_scale.convert.hf_io import SAFETENSORS, read_hf_weights
 from sci_scale.convert.weights import hf_to_megatron, megatron_to_hf, sci_branch_to_hf
@@ -153,7 +154,7 @@ def sci_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
             tensors.update(sci_branch_to_hf(state_dict, cfg.sci))
         tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
     template_path = ckpt / ORIGINAL_HF_CONFIG
-    template = json.loads(template_path.read_text()) if template_path.is_file() else None
+    template = read_json(template_path) if template_path.is_file() else None
     hf_config = hf_config_from_model(cfg.model, rows, template, dtype)
     if template is None:  # a model sci-scale trained: its sentencepiece tokenizer's ids
         hf_config.update(_special_ids(tokenizer_source(cfg, loaded.state)))

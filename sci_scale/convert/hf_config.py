@@ -29,11 +29,31 @@ class UnsupportedModelError(UserError, ValueError):
     """The Hugging Face model uses an architecture or a feature sci-scale does not reproduce."""
 
 
+class ModelFileError(UnsupportedModelError):
+    """A file of a model directory cannot be read (truncated download, not JSON, corrupt
+    safetensors); the message names the file."""
+
+
+def read_json(path: Path) -> Any:
+    """A model directory's JSON file, or a one-line ModelFileError naming it and the place."""
+    try:
+        return json.loads(path.read_bytes())
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ModelFileError(f"{path}: not valid JSON (not UTF-8 at byte {exc.start})") from None
+
+
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     path = hf_dir / HF_CONFIG_FILE
     if not path.is_file():
         raise UnsupportedModelError(f"{hf_dir} has no {HF_CONFIG_FILE}: not a Hugging Face model")
-    return json.loads(path.read_text())
+    hf = read_json(path)
+    if not isinstance(hf, dict):
+        raise ModelFileError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def architecture_of(hf: dict[str, Any]) -> str:

@@ -7,13 +7,13 @@ containers. Nothing in the directory is ever executed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sci_scale.convert.hf_config import UnsupportedModelError
+from sci_scale.convert.hf_config import ModelFileError, UnsupportedModelError, read_json
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -21,11 +21,21 @@ BIN = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except SafetensorError as exc:
+        raise ModelFileError(
+            f"{path}: not a readable safetensors file ({exc}); {path.stat().st_size} bytes, "
+            "perhaps an interrupted download"
+        ) from None
+
+
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     if (hf_dir / SAFETENSORS).is_file():
-        return load_file(hf_dir / SAFETENSORS)
+        return _safetensors(hf_dir / SAFETENSORS)
     if (hf_dir / SAFETENSORS_INDEX).is_file():
-        return _sharded(hf_dir, SAFETENSORS_INDEX, lambda p: load_file(p))
+        return _sharded(hf_dir, SAFETENSORS_INDEX, _safetensors)
     if (hf_dir / BIN).is_file():
         return torch.load(hf_dir / BIN, map_location="cpu", weights_only=True)
     if (hf_dir / BIN_INDEX).is_file():
@@ -39,7 +49,9 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _sharded(hf_dir: Path, index_name: str, load) -> dict[str, torch.Tensor]:
-    index = json.loads((hf_dir / index_name).read_text())
+    index = read_json(hf_dir / index_name)
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise ModelFileError(f"{hf_dir / index_name}: no 'weight_map' object")
     files = sorted(set(index["weight_map"].values()))
     out: dict[str, torch.Tensor] = {}
     for name in files:

@@ -21,13 +21,15 @@ import torch
 from torch import Tensor
 
 from sci_scale.config.schema import ModelSection, SciSection
+from sci_scale.errors import UserError
 
 HF_PREFIX = "model."
 MEGATRON_PREFIX = "gpt."
 
 
-class WeightMappingError(ValueError):
-    pass
+class WeightMappingError(UserError, ValueError):
+    """The weights of a model directory or checkpoint do not fit the model its config
+    describes (a tensor missing, left over or of another vocabulary size)."""
 
 
 def head_dim(m: ModelSection) -> int:

@@ -6,7 +6,9 @@ crash would leave a plausible-looking pair behind; callers (and other ranks) tre
 ``.idx`` as "dataset ready". So the builder writes to temporary files and they are renamed with
 the ``.idx`` last. Opening checks the sizes the ``.idx`` implies against the ``.bin``, because
 megatron memory-maps a truncated ``.bin`` without complaint and fails much later, far from the
-cause.
+cause. Before megatron builds its split indices, :func:`check_split_shares` checks that every
+share of ``data.split`` holds a document: megatron's ``GPTDataset`` loops forever over an empty
+one (``_get_num_epochs`` adds epochs of zero tokens until it has enough).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 from megatron.core.datasets.indexed_dataset import (
     DType,
     IndexedDataset,
@@ -29,9 +35,16 @@ from megatron.core.datasets.indexed_dataset import (
     get_idx_path,
 )
 
+from sci_scale.config.split import SHARES
+from sci_scale.data.corpus import CorpusError
+
 # The .idx header: magic, version (<Q), dtype code (<B), sequence count (<Q), document count (<Q).
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _IDX_HEADER = struct.Struct("<9sQBQQ")
+
+
+class IndexedDatasetError(CorpusError):
+    """A .bin/.idx pair that is truncated, corrupt or empty, or too small for ``data.split``."""
 
 
 def _as_document(doc: Sequence[int] | numpy.ndarray, index: int, vocab_size: int) -> numpy.ndarray:
@@ -74,7 +87,7 @@ def write_indexed_dataset(
             n_docs += 1
             n_tokens += arr.size
         if n_tokens == 0:
-            raise ValueError(f"{prefix}: no tokens to write (every document was empty)")
+            raise IndexedDatasetError(f"{prefix}: no tokens to write (every document was empty)")
         builder.finalize(tmp_idx)
         _commit(tmp, prefix)
     except BaseException:
@@ -128,35 +141,39 @@ def merge_indexed_datasets(
 
 
 def _check_consistent(prefix: str, idx_path: str, bin_path: str) -> None:
-    """Raise ValueError unless the .idx is well formed and the .bin has the size it implies."""
+    """Raise IndexedDatasetError unless the .idx is well formed and the .bin has the size the
+    .idx implies."""
     idx_size = os.path.getsize(idx_path)
     if idx_size < _IDX_HEADER.size:
-        raise ValueError(f"{idx_path}: {idx_size} bytes, too short for an index header")
+        raise IndexedDatasetError(f"{idx_path}: {idx_size} bytes, too short for an index header")
     with open(idx_path, "rb") as stream:
         magic, version, code, n_seq, n_doc = _IDX_HEADER.unpack(stream.read(_IDX_HEADER.size))
     if magic != _IDX_MAGIC or version != 1:
-        raise ValueError(f"{idx_path}: not a megatron indexed-dataset index (version 1)")
+        raise IndexedDatasetError(f"{idx_path}: not a megatron indexed-dataset index (version 1)")
     try:
         itemsize = DType.size(code)
     except ValueError:
-        raise ValueError(f"{idx_path}: unknown token dtype code {code}") from None
+        raise IndexedDatasetError(f"{idx_path}: unknown token dtype code {code}") from None
     # sequence lengths (int32), sequence pointers (int64), document indices (int64)
     expected_idx = _IDX_HEADER.size + n_seq * (4 + 8) + n_doc * 8
     if idx_size != expected_idx:
-        raise ValueError(
+        raise IndexedDatasetError(
             f"{idx_path}: {idx_size} bytes, but its header ({n_seq} sequences, {n_doc} document "
             f"boundaries) implies {expected_idx}; the index is truncated or corrupt"
         )
     lengths = numpy.fromfile(idx_path, numpy.int32, count=n_seq, offset=_IDX_HEADER.size)
     doc_end = numpy.fromfile(idx_path, numpy.int64, count=1, offset=expected_idx - 8)
     if n_doc == 0 or int(doc_end[0]) != n_seq or (lengths < 0).any():
-        raise ValueError(f"{idx_path}: document indices do not match the sequence count")
+        raise IndexedDatasetError(f"{idx_path}: document indices do not match the sequence count")
     expected_bin = int(lengths.sum(dtype=numpy.int64)) * itemsize
     bin_size = os.path.getsize(bin_path)
     if expected_bin == 0:
-        raise ValueError(f"indexed dataset {prefix} holds no tokens")
+        raise IndexedDatasetError(
+            f"indexed dataset {prefix} is empty ({n_seq} documents, no tokens): preprocess a "
+            "corpus that has text in it"
+        )
     if bin_size != expected_bin:
-        raise ValueError(
+        raise IndexedDatasetError(
             f"{bin_path}: {bin_size} bytes, but {idx_path} describes {expected_bin} "
             f"({expected_bin // itemsize} tokens of {itemsize} bytes); the .bin is truncated "
             "or belongs to another dataset"
@@ -172,6 +189,55 @@ def open_indexed_dataset(prefix: str | Path) -> IndexedDataset:
         raise FileNotFoundError(f"indexed dataset {prefix}: missing {', '.join(missing)}")
     _check_consistent(prefix, idx_path, bin_path)
     return IndexedDataset(prefix, multimodal=False, mmap=True)
+
+
+def _share_bounds(matrix: list[Any], documents: int) -> list[tuple[int, int] | None]:
+    """The documents of each share, rounded as megatron's ``BlendedMegatronDatasetBuilder``
+    rounds them (``_build_megatron_dataset_splits``); None for a share of weight 0."""
+    return [
+        None if ends is None else (round(ends[0] * documents), round(ends[1] * documents))
+        for ends in matrix
+    ]
+
+
+def _documents_needed(matrix: list[Any]) -> int:
+    """The fewest documents from which on every share of weight > 0 holds one: above 1 / the
+    smallest share it always does (rounding moves each end by at most half a document)."""
+    enough = int(1 / min(ends[1] - ends[0] for ends in matrix if ends is not None)) + 1
+    fewest = enough
+    while (
+        fewest > 1
+        and enough < 10**6
+        and all(b is None or b[1] > b[0] for b in _share_bounds(matrix, fewest - 1))
+    ):
+        fewest -= 1
+    return fewest
+
+
+def check_split_shares(
+    prefixes: Sequence[str | Path], split: str, names: Sequence[str] | None = None
+) -> None:
+    """Every share of ``split`` megatron builds must get a document of every corpus.
+
+    megatron splits each corpus by document; a share left without one has zero tokens, and
+    ``GPTDataset._get_num_epochs`` then adds empty epochs forever (a hang, not an error). A
+    share with a document always yields blocks (megatron repeats it over epochs). ``names``:
+    what to call each corpus in the message (default: its prefix).
+    """
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for index, prefix in enumerate(prefixes):
+        dataset = open_indexed_dataset(prefix)  # held: its lengths live in its memory map
+        lengths = dataset.sequence_lengths
+        for share, bounds in zip(SHARES, _share_bounds(matrix, len(lengths)), strict=True):
+            if bounds is None or bounds[1] > bounds[0]:
+                continue
+            name = names[index] if names else f"indexed dataset {prefix}"
+            raise IndexedDatasetError(
+                f"{name} has {len(lengths)} documents ({int(lengths.sum()):,} tokens), too few "
+                f"for data.split={split!r}: its {share} share gets none, and megatron needs "
+                f"at least one document in every share; use at least "
+                f"{_documents_needed(matrix)} documents or a larger {share} share"
+            )
 
 
 def tokenize_documents(
@@ -203,4 +269,9 @@ def write_dataset_meta(prefix: str | Path, meta: dict[str, Any]) -> None:
 
 def read_dataset_meta(prefix: str | Path) -> dict[str, Any] | None:
     path = Path(f"{prefix}{META_SUFFIX}")
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexedDatasetError(f"{path}: not valid JSON ({exc}); preprocess again") from None
