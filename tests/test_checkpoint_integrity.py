@@ -71,6 +71,8 @@ def small_ckpt(tmp_path: Path) -> Path:
     root = tmp_path / "ckpt"
     (root / "model").mkdir(parents=True)
     (root / "model" / ".metadata").write_bytes(b"m" * 100)
+    (root / "model" / "metadata.json").write_text("{}")
+    (root / "model" / "common.pt").write_bytes(b"c" * 10)
     (root / "model" / "__0_0.distcp").write_bytes(bytes(range(256)) * 64)
     (root / "deepspeed" / "zero").mkdir(parents=True)
     (root / "deepspeed" / "zero" / "optim_states.pt").write_bytes(b"o" * 3000)
@@ -84,7 +86,10 @@ def test_manifest_lists_every_file_with_its_size_and_hash(small_ckpt: Path) -> N
     assert body["hash"] == "xxh3_128"
     paths = [f["path"] for f in body["files"]]
     assert paths == sorted(
-        ["model/.metadata", "model/__0_0.distcp", "deepspeed/zero/optim_states.pt", "run_state.pt"]
+        [
+            *("model/.metadata", "model/metadata.json", "model/common.pt", "model/__0_0.distcp"),
+            *("deepspeed/zero/optim_states.pt", "run_state.pt"),
+        ]
     )
     for entry, listed in zip(entries, body["files"], strict=True):
         data = (small_ckpt / entry.path).read_bytes()
@@ -144,6 +149,8 @@ def test_without_manifest_a_warning_or_a_missing_run_state(
     with caplog.at_level(logging.WARNING):
         assert find_damage(small_ckpt) is None
     assert "no manifest.json" in caplog.text and "cannot be verified" in caplog.text
+    (small_ckpt / "model" / "common.pt").unlink()
+    assert find_damage(small_ckpt).file == "model/common.pt"
     (small_ckpt / "run_state.pt").unlink()
     assert find_damage(small_ckpt).file == "run_state.pt"
     assert "no such checkpoint directory" in str(find_damage(small_ckpt / "gone"))
@@ -275,6 +282,21 @@ def test_truncated_shard_or_metadata_is_one_line_naming_it(
     line = one_line_error(capsys)
     assert line.startswith(f"sci-scale eval: error: damaged checkpoint: {ckpt(run_dir, 4) / file}")
     assert "truncated" in line
+
+
+@pytest.mark.parametrize("manifest_too", [False, True])
+def test_a_missing_common_pt_is_one_line_naming_it(
+    run_dir: Path, manifest_too: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With its manifest the file is listed and missing; without one (an older checkpoint) it
+    is one of the files every checkpoint has."""
+    (ckpt(run_dir, 4) / "model" / "common.pt").unlink()
+    if manifest_too:
+        (ckpt(run_dir, 4) / "manifest.json").unlink()
+    assert main(["eval", str(ckpt(run_dir, 4)), "--task", "ppl"]) == 2
+    line = one_line_error(capsys)
+    where = ckpt(run_dir, 4) / "model" / "common.pt"
+    assert line.startswith(f"sci-scale eval: error: damaged checkpoint: {where}: missing")
 
 
 def test_damaged_init_from_or_export_is_a_one_line_error(

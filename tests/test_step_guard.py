@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import sci_scale.train.trainer as trainer_module
 from sci_scale.checkpoint.index import CheckpointError, latest_checkpoint
+from sci_scale.checkpoint.safe_load import safe_torch_load
 from sci_scale.cli.main import main
 from sci_scale.config import load_config
 from sci_scale.train.guards import Skip, StepGuard, TrainingDiverged, check_finite_state
@@ -85,18 +86,26 @@ def test_a_non_finite_weight_or_moment_is_never_saved() -> None:
         check_finite_state(model, optimizer, 1, world_size=1)
 
 
+def _tensors_in(obj: object, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    if torch.is_tensor(obj):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _tensors_in(value, f"{prefix}/{key}", out)
+    elif isinstance(obj, list | tuple):
+        for index, value in enumerate(obj):
+            _tensors_in(value, f"{prefix}/{index}", out)
+
+
 def saved_tensors(ckpt: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor a checkpoint holds: model weights (DCP) and optimizer state (rank files)."""
+    """Every tensor a checkpoint holds: the model's weights (DCP, by name) and everything in
+    the rank files and DeepSpeed's ZeRO states (optimizer moments, master weights)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / f"{ckpt.name}.pt"
     dcp_to_torch_save(ckpt / "model", out)
     tensors = {k: v for k, v in torch.load(out, weights_only=True).items() if torch.is_tensor(v)}
-    for rank_file in ckpt.glob("rank_*.pt"):
-        state = torch.load(rank_file, weights_only=True)["optimizer"]["state"]
-        for index, moments in state.items():
-            for key, value in moments.items():
-                if torch.is_tensor(value):
-                    tensors[f"{rank_file.name}/{index}/{key}"] = value
+    for state_file in [*ckpt.glob("rank_*.pt"), *ckpt.glob("deepspeed/**/*_states.pt")]:
+        _tensors_in(safe_torch_load(state_file), state_file.name, tensors)
     return tensors
 
 
@@ -148,9 +157,10 @@ def test_an_injected_nan_gradient_is_skipped_and_the_run_continues(
         saved_tensors(tmp_path / "faulty" / "checkpoints" / f"step_000000{s}", tmp_path / f"t{s}")
         for s in (2, 3)
     )
-    for name in two:
-        if name.startswith("gpt.") or name.startswith("rank_"):
-            assert torch.equal(two[name], three[name]), name
+    compared = [n for n in two if n.startswith("gpt.") or "/optimizer/state/" in n]
+    assert any("exp_avg_sq" in n for n in compared)  # AdamW's moments are among them
+    for name in compared:
+        assert torch.equal(two[name], three[name]), name
     assert records[4]["lm_loss"] != ref[4]["lm_loss"]  # training went on from step 2's model
     assert len(assert_all_finite(tmp_path / "faulty", tmp_path)) == 5
 
@@ -192,3 +202,80 @@ def test_a_learning_rate_that_blows_up_the_weights_saves_nothing_non_finite(
     assert len(lines) == 1, lines
     saved = assert_all_finite(run_dir, tmp_path)
     assert latest_checkpoint(run_dir / "checkpoints") == saved[-1]
+
+
+DEEPSPEED_RUN = """
+import json, sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, {tests!r})
+from conftest import small_overrides
+
+import sci_scale.train.trainer as trainer_module
+from sci_scale.config import load_config
+
+original = trainer_module.Trainer.train_step
+
+
+def train_step(self):
+    # a NaN in every gradient of one parameter at step 2, as autograd produces it (before
+    # DeepSpeed's own hooks move the gradient into ZeRO's buffers)
+    handle = None
+    if self.step + 1 == 2:
+        param = next(p for p in self.model.parameters() if p.requires_grad)
+        handle = param.register_hook(lambda grad: grad * float("nan"))
+    try:
+        return original(self)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+trainer_module.Trainer.train_step = train_step
+
+if __name__ == "__main__":  # megatron's checkpoint writer starts a process that imports this
+    overrides = small_overrides(Path({run_dir!r}), Path({cache!r}))
+    cfg = load_config(None, [*overrides, "train.steps=4", "checkpoint.interval=1",
+                             "checkpoint.keep_last=10", "parallel.zero_stage={stage}",
+                             "train.micro_batch_size=4"])
+    result = trainer_module.train(cfg)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print("RESULT" + json.dumps({{"skipped": result.skipped_steps, "step": result.step}}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_deepspeed_skips_a_nan_gradient_and_leaves_the_weights_untouched(
+    tmp_path: Path, data_cache: Path, stage: int
+) -> None:
+    """DP2 under ZeRO: the step with a NaN gradient is skipped on both ranks (DeepSpeed's step
+    runs and is undone), its checkpoint equals the previous one, and training goes on."""
+    from launchers import torchrun_script
+
+    run_dir = tmp_path / "run"
+    script = tmp_path / "run.py"
+    tests = str(Path(__file__).resolve().parent)
+    script.write_text(
+        DEEPSPEED_RUN.format(tests=tests, run_dir=str(run_dir), cache=str(data_cache), stage=stage)
+    )
+    result = torchrun_script(script, nproc=2, timeout_s=600)
+    assert result == {"skipped": 1, "step": 4}
+    records = {r["step"]: r for r in read_metrics(run_dir)}
+    assert [records[s]["skipped"] for s in (1, 2, 3, 4)] == [
+        None,
+        "nonfinite_grad_norm",
+        None,
+        None,
+    ]
+    assert all(math.isfinite(records[s]["lm_loss"]) for s in (1, 2, 3, 4))
+    root = run_dir / "checkpoints"
+    one = saved_tensors(root / "step_0000001", tmp_path / "one")
+    two = saved_tensors(root / "step_0000002", tmp_path / "two")
+    three = saved_tensors(root / "step_0000003", tmp_path / "three")
+    weights = [name for name in one if name.startswith("gpt.")]
+    assert weights and all(torch.equal(one[n], two[n]) for n in weights)
+    assert not all(torch.equal(two[n], three[n]) for n in weights)  # step 3 was applied
+    assert_all_finite(run_dir, tmp_path / "finite")

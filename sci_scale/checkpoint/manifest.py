@@ -38,6 +38,8 @@ MANIFEST = "manifest.json"
 _TMP_MANIFEST = f".{MANIFEST}.tmp"
 FORMAT_VERSION = 1
 HASH_NAME = "xxh3_128"
+# The files every checkpoint has (megatron's distributed checkpoint writes the last three).
+REQUIRED_FILES = (RUN_STATE, "model/.metadata", "model/metadata.json", "model/common.pt")
 CHUNK_BYTES = 16 << 20  # large reads: hashing runs at memory speed, the disk is the limit
 
 
@@ -224,8 +226,10 @@ def _read_for_check(directory: Path) -> list[Entry] | Damage | None:
     if not directory.is_dir():
         return Damage(directory, "", "no such checkpoint directory")
     found = read_manifest(directory)
-    if found is None and not (directory / RUN_STATE).exists():
-        return Damage(directory, RUN_STATE, "missing (not a complete sci-scale checkpoint)")
+    if found is None:  # nothing to verify against: at least every file a load opens is there
+        for required in REQUIRED_FILES:
+            if not (directory / required).is_file():
+                return Damage(directory, required, "missing (not a complete sci-scale checkpoint)")
     return found
 
 
