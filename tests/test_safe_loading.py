@@ -170,6 +170,7 @@ def test_convert_refuses_planted_metadata_unless_trusted(run_dir, marker, capsys
     with pytest.raises(BaseException):  # noqa: B017 - the payload returns no metadata
         main([*argv, "--trust-checkpoint"])
     assert marker.exists()
+    assert TRUST_ENV not in os.environ  # for that command only
 
 
 def test_convert_with_trust_loads_a_clean_checkpoint(trained, tmp_path) -> None:

@@ -7,7 +7,9 @@ spawns, inherits the choice). Kept free of torch so the CLI can set it before an
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 TRUST_ENV = "SCI_SCALE_TRUST_CHECKPOINT"
 
@@ -17,5 +19,16 @@ def checkpoints_trusted() -> bool:
     return os.environ.get(TRUST_ENV, "") == "1"
 
 
-def trust_checkpoints() -> None:
+@contextlib.contextmanager
+def trusted_checkpoints() -> Iterator[None]:
+    """Checkpoints trusted for the duration (a command, and every process it starts), then
+    the environment as it was: a library caller running several commands keeps the default."""
+    before = os.environ.get(TRUST_ENV)
     os.environ[TRUST_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TRUST_ENV, None)
+        else:
+            os.environ[TRUST_ENV] = before

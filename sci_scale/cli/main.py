@@ -12,6 +12,7 @@ that ``sci-scale train`` stops cleanly on one that comes before its trainer is l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -113,15 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
+    trust = contextlib.nullcontext()
     if getattr(args, "trust_checkpoint", False):
-        from sci_scale.checkpoint.trust import trust_checkpoints
+        from sci_scale.checkpoint.trust import trusted_checkpoints
 
-        trust_checkpoints()
+        trust = trusted_checkpoints()
         logging.getLogger("sci_scale").warning(
             "--trust-checkpoint: checkpoint files are unpickled without restriction"
         )
     try:
-        return args.handler(args)
+        with trust:
+            return args.handler(args)
     except USER_ERRORS as exc:
         print(f"sci-scale {args.command}: error: {exc}", file=sys.stderr)
         return 2
