@@ -34,7 +34,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from sci_scale.checkpoint.index import LATEST, RUN_STATE, CheckpointError, step_dir_name
-from sci_scale.checkpoint.manifest import write_manifest
+from sci_scale.checkpoint.manifest import fsync_dir, write_manifest
 from sci_scale.checkpoint.safe_load import restricted_checkpoint_reads, safe_torch_load
 from sci_scale.checkpoint.state import RunState, read_run_state
 from sci_scale.runtime import collectives
@@ -96,14 +96,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_torch(obj: Any, path: Path) -> None:
     torch.save(obj, path)
     _fsync_file(path)
@@ -146,7 +138,7 @@ class CheckpointManager:
             pointer_tmp.write_text(name + "\n")
             _fsync_file(pointer_tmp)
             os.replace(pointer_tmp, self.root / LATEST)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._prune(keep=final)
         _barrier()
         return final
@@ -235,8 +227,8 @@ def _seal(tmp: Path, final: Path, run_state: RunState) -> None:
     write_manifest(tmp)
     if _rank() == 0:
         for sub in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
-            _fsync_dir(sub)
-        _fsync_dir(tmp)
+            fsync_dir(sub)
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

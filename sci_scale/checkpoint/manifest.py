@@ -146,7 +146,7 @@ def write_manifest_file(directory: Path, entries: list[Entry]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, directory / MANIFEST)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def read_manifest(directory: Path) -> list[Entry] | Damage | None:
@@ -253,7 +253,8 @@ def _gather_flat(items: list[Any]) -> list[Any]:
     return [item for part in collectives.all_gather_object(items) for item in part]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (renames, new files) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
