@@ -206,6 +206,8 @@ mine = {"entries": len(entries), "saved": saved, "checked": checked, "intact": i
 gathered = collectives.all_gather_object(mine)
 if rank == 0:
     print("RESULT" + json.dumps(gathered))
+collectives.barrier()
+dist.destroy_process_group()  # a group left to interpreter exit can abort a rank (SIGABRT)
 """
 
 
