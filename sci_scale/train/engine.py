@@ -26,6 +26,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from sci_scale.config.schema import Config
+from sci_scale.runtime.launch_env import read_dist_env
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,9 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: 
     # DeepSpeed JIT-builds its CPU shared-memory communication op on first use (~35 s); one
     # cache per user keeps that to once per machine instead of once per run directory.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_extensions_dir()))
+    # DeepSpeed asserts LOCAL_RANK is set, which only launchers do; a single process started
+    # as ``sci-scale train`` (or by Slurm) has its local rank from ``read_dist_env``.
+    os.environ.setdefault("LOCAL_RANK", str(read_dist_env()[2]))
     import deepspeed
 
     for name in ("DeepSpeed", "deepspeed"):
