@@ -228,6 +228,25 @@ def _named_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
                     yield f"optimizer group {g} parameter {i} {key}", value
 
 
+def _first_non_finite(named: Iterator[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity, or None. One flag per tensor
+    stays on the tensor's device and each device is read once: a host sync per device, not per
+    tensor (thousands of them at scale)."""
+    names: list[str] = []
+    flags: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for name, tensor in named:
+        if tensor.numel():
+            flags.setdefault(tensor.device, []).append(
+                (len(names), torch.isfinite(tensor.detach()).all())
+            )
+            names.append(name)
+    bad = []
+    for entries in flags.values():
+        finite = torch.stack([flag for _, flag in entries]).cpu()
+        bad += [entries[i][0] for i in (~finite).nonzero().flatten().tolist()]
+    return names[min(bad)] if bad else None
+
+
 def check_finite_state(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, world_size: int
 ) -> None:
@@ -236,11 +255,7 @@ def check_finite_state(
     Collective: every rank checks what it holds and one max-reduction makes all of them refuse
     together. The step guard should make this unreachable; it keeps ``latest`` (and with it
     ``--auto-resume``) on the last finite state if anything ever slips past it."""
-    bad_name = None
-    for name, tensor in _named_state(model, optimizer):
-        if tensor.numel() and not bool(torch.isfinite(tensor.detach()).all()):
-            bad_name = name
-            break
+    bad_name = _first_non_finite(_named_state(model, optimizer))
     bad = bad_name is not None
     if world_size > 1 and dist.is_initialized():
         (flag,) = collectives.all_reduce_values([bad], op=collectives.ReduceOp.MAX)
