@@ -12,7 +12,7 @@ from conftest import small_overrides
 from sci_scale.checkpoint.index import latest_checkpoint
 from sci_scale.cli.main import main
 from sci_scale.config import load_config
-from sci_scale.train.metrics import METRICS_FILE, read_metrics
+from sci_scale.train.metrics import METRICS_FILE, SUPERSEDED_FILE, read_metrics
 from sci_scale.train.trainer import train
 
 RUN = ("train.steps=2", "checkpoint.interval=2")
@@ -86,3 +86,16 @@ def test_a_resume_appends_to_the_records_it_continues(run_dir, data_cache) -> No
     assert main(argv(run_dir, data_cache, "train.steps=3", "--resume")) == 0
     after = read_metrics(run_dir)
     assert after[:2] == before and [r["step"] for r in after] == [1, 2, 3]
+
+
+def test_records_of_an_interrupted_attempt_are_set_aside_not_lost(run_dir, data_cache) -> None:
+    """Records past the checkpoint (a crash between saves), and a line cut short by a kill
+    mid-write, move to metrics.superseded.jsonl; metrics.jsonl reads as one run."""
+    records = read_metrics(run_dir)
+    with open(run_dir / METRICS_FILE, "a") as handle:
+        handle.write('{"step": 3, "lm_loss": 1.0}\n{"step": 4, "lm_lo')  # no newline: cut short
+    assert main(argv(run_dir, data_cache, "train.steps=3", "--resume")) == 0
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert read_metrics(run_dir)[:2] == records
+    side = (run_dir / SUPERSEDED_FILE).read_text().splitlines()
+    assert side == ['{"step": 3, "lm_loss": 1.0}', '{"step": 4, "lm_lo']

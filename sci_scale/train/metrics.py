@@ -25,17 +25,47 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop records past ``after_step`` (a resumed run rewrites the steps it repeats)."""
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a line cut short by a kill mid-write has none and counts as past
+    every step (it is set aside with the interrupted attempt's other records)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
+def set_aside_records_after(path: Path, after_step: int) -> int:
+    """Move the records past ``after_step`` out of ``path`` into ``metrics.superseded.jsonl``
+    beside it; returns how many moved.
+
+    A resume repeats the steps after its checkpoint (with the same losses when nothing was
+    damaged), so ``metrics.jsonl`` keeps one record per step and reads as one run; the records
+    the interrupted attempt wrote for those steps are kept, not deleted, in the side file. The
+    side file is appended to first, so a crash in between duplicates a record, never loses one.
+    """
     if not path.exists():
-        return
-    kept = []
+        return 0
+    kept, moved = [], []
     for line in path.read_text().splitlines():
-        if line.strip() and json.loads(line).get("step", 0) <= after_step:
-            kept.append(line)
+        if line.strip():
+            (kept if _step_of(line) <= after_step else moved).append(line)
+    if not moved:
+        return 0
+    with open(path.with_name(SUPERSEDED_FILE), "a") as side:
+        side.write("".join(line + "\n" for line in moved))
+        side.flush()
+        os.fsync(side.fileno())
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+    log.info(
+        "%d record(s) past step %d, from the interrupted attempt, moved to %s",
+        *(len(moved), after_step, path.with_name(SUPERSEDED_FILE)),
+    )
+    return len(moved)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -56,7 +86,7 @@ class MetricsSink:
         resume_step: int = 0,
     ) -> None:
         self.path = run_dir / METRICS_FILE
-        truncate_metrics(self.path, resume_step)
+        set_aside_records_after(self.path, resume_step)
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - lives as long as the run
         self._wandb = None
         if wandb_mode != "disabled":

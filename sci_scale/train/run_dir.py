@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sci_scale.checkpoint.index import LATEST, step_checkpoints
 from sci_scale.errors import UserError
-from sci_scale.train.metrics import METRICS_FILE
+from sci_scale.train.metrics import METRICS_FILE, SUPERSEDED_FILE
 
 log = logging.getLogger("sci_scale.train")
 
@@ -62,4 +62,5 @@ def claim_run_dir(run_dir: Path, resuming: bool, overwrite: bool, is_main: bool)
     if is_main:
         log.warning("--overwrite: removing the previous run in %s (%s)", run_dir, ", ".join(found))
         shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        for name in (METRICS_FILE, SUPERSEDED_FILE):
+            (run_dir / name).unlink(missing_ok=True)
