@@ -96,3 +96,22 @@ def test_training_logs_the_metrics_at_eval_steps(make_config) -> None:
         assert 0.0 <= record["eval_sci_recall_at_1"] <= record["eval_sci_recall_at_5"] <= 1.0
         assert 1.0 <= record["eval_sci_rankme"] <= cfg.sci.embed_dim
     assert "eval_sci_mrr" not in logged[3]
+
+
+def test_non_finite_embeddings_give_nan_metrics_not_an_error(caplog) -> None:
+    """A diverging model's eval step: every metric NaN (written as null), a warning, no SVD
+    failure."""
+    import logging
+
+    from sci_scale.eval.representation import METRICS
+    from sci_scale.train.sci_health import heldout_representation
+
+    z = torch.randn(8, 4)
+    templates = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert set(representation_metrics(z, templates)) == set(METRICS)
+    z[5, 2] = math.nan
+    assert all(math.isnan(v) for v in representation_metrics(z, templates).values())
+    with caplog.at_level(logging.WARNING):
+        logged = heldout_representation([(z, templates)], step=7)
+    assert set(logged) == {f"eval_sci_{k}" for k in METRICS}
+    assert "not finite at step 7" in caplog.text
