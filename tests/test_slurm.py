@@ -7,6 +7,7 @@ is started once for the module and stopped when it ends, pass or fail.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -161,3 +162,32 @@ def test_task_template_runs_any_command_as_a_job(cluster: LocalSlurm, runs: Path
     text = out.read_text()
     assert state == "COMPLETED", text
     assert sum(line.startswith("IN: ") for line in text.splitlines()) == 3920  # SCAN length test
+
+
+def test_a_job_submitted_from_elsewhere_with_relative_paths_trains(
+    cluster: LocalSlurm, runs: Path, data_cache: Path
+) -> None:
+    """Relative run.dir and data.cache_dir, submitted from a directory that is neither the
+    repository nor the run's: the job (which starts in its run directory) finds both."""
+    elsewhere = runs / "elsewhere"
+    elsewhere.mkdir()
+    cache = os.path.relpath(data_cache, elsewhere)
+    overrides = [
+        *small_overrides(Path("runs/relative"), Path(cache)),
+        "train.steps=4",
+        "checkpoint.interval=2",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sci_scale", "submit", *overrides,
+         "--nodes", "1", "--gpus-per-node", "0", "--time", "00:10:00"],
+        env={**cluster.env, "PYTHONPATH": str(REPO)}, cwd=elsewhere, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    run_dir = elsewhere / "runs" / "relative"
+    state = cluster.wait_for_job(job_id, JOB_TIMEOUT_S)
+    out = job_output(run_dir, job_id)
+    assert state == "COMPLETED", out
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    assert str(data_cache) in out  # the shared cache was used

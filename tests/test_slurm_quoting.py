@@ -369,7 +369,9 @@ def test_cli_dry_run_with_hostile_paths_renders_their_exact_values(
     assignments = [line for line in script.splitlines() if line.startswith(("RUN_DIR=", "CONFIG="))]
     echo = "\n".join([*assignments, 'printf "%s\\x1f" "$RUN_DIR" "$CONFIG"'])
     out = subprocess.run(["bash", "-c", echo], cwd=tmp_path, capture_output=True, text=True)
-    assert out.stdout.split("\x1f")[:2] == [str(run_dir), f"{run_dir}/config.yaml"]
+    got_run_dir, got_config = out.stdout.split("\x1f")[:2]
+    assert got_run_dir == str(run_dir)
+    assert got_config.startswith(f"{run_dir}/slurm/train-") and got_config.endswith(".yaml")
     assert nothing_ran(tmp_path)
 
 

@@ -7,6 +7,7 @@ a recorder, to prove that a refused layout never reaches it.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +72,10 @@ def test_dry_run_prints_the_script_with_the_key_directives(tmp_path: Path) -> No
         assert f"#SBATCH {directive}\n" in script, directive
     assert "TP1 x PP1 x DP8" in script
     assert 'train "$CONFIG" --auto-resume' in script
-    assert f"CONFIG={run_dir}/config.yaml" in script
+    # the config the job trains is frozen beside its script, one per submission
+    assert re.search(
+        rf"^CONFIG={re.escape(str(run_dir))}/slurm/train-\d{{8}}-\d{{6}}\.yaml$", script, re.M
+    )
     assert "export MASTER_ADDR=" in script and "export MASTER_PORT=" in script
     assert "scontrol requeue" in script
     assert "--container-image" not in script

@@ -56,6 +56,7 @@ import yaml
 from sci_scale.config import Config, ConfigError, config_to_dict
 from sci_scale.config.layout import data_parallel_size
 from sci_scale.errors import UserError
+from sci_scale.launch.inputs import check_inputs, resolve_paths
 from sci_scale.launch.memory_plan import DEFAULT_GPU_MEMORY, plan_memory, require_fit
 from sci_scale.launch.script_quoting import (
     count,
@@ -270,24 +271,32 @@ def check_memory(cfg: Config, opts: SubmitOptions) -> None:
         require_fit(plan_memory(cfg, opts.world_size, opts.gpu_memory))
 
 
-def submit(cfg: Config, opts: SubmitOptions, dry_run: bool = False) -> Submission:
-    """Check the layout and its memory, freeze the config, render the script, and (unless dry)
-    sbatch it."""
+def submit(
+    cfg: Config, opts: SubmitOptions, dry_run: bool = False, base: Path | None = None
+) -> Submission:
+    """Resolve the config's paths against ``base`` (default: the current directory) and check
+    its inputs, check the layout and its memory, freeze the config beside the script, render
+    the script, and (unless dry) sbatch it."""
+    cfg = resolve_paths(cfg, base or Path.cwd())
+    check_inputs(cfg)
     check_layout(cfg, opts)
     check_memory(cfg, opts)
-    run_dir = Path(cfg.run.dir).resolve()
+    run_dir = Path(cfg.run.dir)
     slurm_dir = run_dir / SLURM_DIR
-    config_path = run_dir / "config.yaml"
+    stem = f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    # The job trains the config frozen beside its script; RUN_DIR/config.yaml is the latest.
+    config_path = slurm_dir / f"{stem}.yaml"
     if dry_run:
         script = render_script(cfg, config_path, opts)
-        return Submission(None, run_dir, slurm_dir / "train.sbatch", script)
+        return Submission(None, run_dir, slurm_dir / f"{stem}.sbatch", script)
     if shutil.which("sbatch") is None:
         raise SubmitError("sbatch not found: run sci-scale submit on a Slurm login node")
     script = render_script(cfg, config_path, opts)  # before any file: a refused value leaves none
     slurm_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create output directories
-    with open(config_path, "w") as handle:
-        yaml.safe_dump(config_to_dict(cfg), handle, sort_keys=False)
-    script_path = slurm_dir / f"train-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    for path in (config_path, run_dir / "config.yaml"):
+        with open(path, "w") as handle:
+            yaml.safe_dump(config_to_dict(cfg), handle, sort_keys=False)
+    script_path = slurm_dir / f"{stem}.sbatch"
     script_path.write_text(script)
     proc = subprocess.run(
         ["sbatch", "--parsable", str(script_path)], capture_output=True, text=True, cwd=run_dir
