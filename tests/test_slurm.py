@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -65,10 +66,10 @@ def torchrun_records(runs: Path, data_cache: Path) -> list[dict]:
     return records
 
 
-def submit(cluster: LocalSlurm, run_dir: Path, cache: Path) -> str:
+def submit(cluster: LocalSlurm, run_dir: Path, cache: Path, *extra: str) -> str:
     proc = subprocess.run(
         [
-            sys.executable, "-m", "sci_scale", "submit", *run_overrides(run_dir, cache),
+            sys.executable, "-m", "sci_scale", "submit", *run_overrides(run_dir, cache), *extra,
             "--nodes", "2", "--gpus-per-node", "0", "--time", "00:10:00",
         ],
         env=cluster.env, cwd=REPO, capture_output=True, text=True,
@@ -191,3 +192,45 @@ def test_a_job_submitted_from_elsewhere_with_relative_paths_trains(
     assert state == "COMPLETED", out
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
     assert str(data_cache) in out  # the shared cache was used
+
+
+def task_pids(run_dir: Path) -> list[int]:
+    """PIDs of the training tasks of a run (not srun or the batch shell)."""
+    proc = subprocess.run(["pgrep", "-f", f"sci_scale train {run_dir}/slurm/"],
+                          capture_output=True, text=True)  # fmt: skip
+    pids = []
+    for pid in proc.stdout.split():
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if cmdline and Path(cmdline[0].decode()).name.startswith("python"):
+            pids.append(int(pid))
+    return sorted(pids)
+
+
+def test_a_killed_rank_ends_the_job_promptly_and_it_resumes_exactly(
+    cluster: LocalSlurm, torchrun_records: list[dict], runs: Path, data_cache: Path
+) -> None:
+    """kill -9 of one task: srun takes the other down at once (no rank left waiting in a
+    collective), the batch script requeues the job with the reason in restarts.log, and the
+    restart resumes from the last checkpoint with the uninterrupted run's losses."""
+    run_dir = runs / "killed"
+    job_id = submit(cluster, run_dir, data_cache, "checkpoint.interval=5")
+    wait_for_step(run_dir, 7, JOB_TIMEOUT_S)
+    pids = task_pids(run_dir)
+    assert len(pids) == 2, pids
+    killed_at = time.time()
+    subprocess.run(["kill", "-9", str(pids[-1])], check=True)
+    state = cluster.wait_for_job(job_id, JOB_TIMEOUT_S)
+    out = job_output(run_dir, job_id)
+    assert state == "COMPLETED", out
+    assert "training exited with status" in out and f"requeueing job {job_id}" in out
+    assert "(restart 1)" in out
+    restarts = (run_dir / "slurm" / "restarts.log").read_text().splitlines()
+    assert (
+        len(restarts) == 1
+        and f"job {job_id} restart 0: training exited with status" in (restarts[0])
+    )
+    ended = datetime.fromisoformat(restarts[0].split()[0]).timestamp()
+    assert ended - killed_at < 60, f"the job took {ended - killed_at:.0f}s to end after the kill"
+    assert re.search(r"resumed from .*step_00000(05|10)", out), out
+    assert_same_losses(read_metrics(run_dir), torchrun_records)
+    assert (run_dir / "metrics.superseded.jsonl").exists()  # the killed attempt's records

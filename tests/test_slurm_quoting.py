@@ -196,8 +196,10 @@ def test_hostile_values_reach_bash_and_sbatch_exactly(
     assert calls[0] == ["scontrol", "show", "hostnames", "node1"]
     assert calls[1] == ["sinfo", "-h", "-N", "-n", "node1", "-o", "%o"]
     train, status = calls[2:]
+    task_logs = f"{resolved}/slurm".replace("%", "%%") + "/%x-%j.r0"  # one pair per restart
     assert train == [
-        "srun", "--kill-on-bad-exit=1", "--ntasks-per-node=8", *in_image,
+        "srun", "--kill-on-bad-exit=1", "--label", "--ntasks-per-node=8",
+        f"--output={task_logs}.out", f"--error={task_logs}.err", *in_image,
         *words, "train", f"{resolved}/config.yaml", "--auto-resume",
     ]  # fmt: skip
     local = ["srun", "--nodes=1", "--ntasks=1", *in_image] if container else []

@@ -44,9 +44,16 @@ def add_submit(sub: argparse._SubParsersAction) -> None:
         default=120,
         help="SIGUSR1 this many seconds before the time limit: checkpoint and requeue",
     )
-    sbm.add_argument("--max-requeues", type=int, default=20)
-    sbm.add_argument("--container-image", help="run the tasks in this image (pyxis)")
-    sbm.add_argument("--container-mounts", help="pyxis mounts (default: the run directory)")
+    sbm.add_argument(
+        "--max-requeues", type=int, help="restarts before giving up (default: slurm.max_restarts)"
+    )
+    sbm.add_argument(
+        "--container-image", help="run the tasks in this image (pyxis; slurm.container_image)"
+    )
+    sbm.add_argument(
+        "--container-mounts",
+        help="pyxis mounts (default: slurm.container_mounts, else the run directory)",
+    )
     sbm.add_argument("--launcher", help="the sci-scale command on the nodes")
     sbm.add_argument("--template", help="a batch script template (default: slurm/train.sbatch)")
     sbm.add_argument(

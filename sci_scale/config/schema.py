@@ -285,6 +285,24 @@ class ExperimentSection(_Section):
     probe_templates: int = 128  # held-out templates (2 examples each) of the structural probe
 
 
+class SlurmSection(_Section):
+    """What a Slurm job needs besides the training (``sci-scale submit``, docs/slurm.md). The
+    ``submit`` options ``--max-requeues``, ``--container-image`` and ``--container-mounts``
+    override the matching keys."""
+
+    # Shell lines the batch script runs, as written, before the tasks start: `module load`,
+    # a venv or conda activation, an env file. The tasks inherit the environment they leave.
+    setup: list[str] = Field(default_factory=list)
+    # Exported before the tasks start (names checked, values quoted): NCCL and CUDA settings.
+    env: dict[str, str] = Field(default_factory=dict)
+    # Requeues (after a signal, a time limit, a crash or a node failure) before the job gives
+    # up; a configuration error (exit status 2) is never requeued.
+    max_restarts: int = 20
+    # pyxis/enroot: the image the tasks run in (null: none) and its mounts (null: the run dir)
+    container_image: str | None = None
+    container_mounts: str | None = None
+
+
 class Config(_Section):
     """The whole run configuration."""
 
@@ -298,6 +316,7 @@ class Config(_Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     phases: PhasesSection = Field(default_factory=PhasesSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    slurm: SlurmSection = Field(default_factory=SlurmSection)
     experiment: ExperimentSection = Field(default_factory=ExperimentSection)
 
     @model_validator(mode="before")

@@ -116,3 +116,15 @@ def sbatch_quote(value: Any) -> str:
     if text and _SBATCH_SPECIAL.search(text) is None:
         return text
     return '"' + _SBATCH_ESCAPE.sub(r"\\\1", text) + '"'
+
+
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def shell_name(key: str, name: str) -> str:
+    """``name`` if it is a shell variable name (it is exported as written), else a ConfigError."""
+    if _SHELL_NAME.fullmatch(name) is None:
+        raise ConfigError(
+            f"{key}: {name!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
+        )
+    return name

@@ -64,6 +64,7 @@ from sci_scale.launch.script_quoting import (
     optional_directive,
     refuse_control_characters,
     sbatch_quote,
+    shell_name,
 )
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class SubmitOptions:
     job_name: str | None = None
     exclusive: bool = True
     signal_seconds: int = 120  # USR1 this long before the time limit: checkpoint, requeue
-    max_requeues: int = 20
+    max_requeues: int | None = None  # None: slurm.max_restarts
     container_image: str | None = None
     container_mounts: str | None = None
     launcher: str | None = None  # the sci-scale command on the nodes; default: this Python
@@ -171,12 +172,12 @@ def extra_directive(directive: str) -> str:
     return directive
 
 
-def launcher_words(opts: SubmitOptions) -> list[str]:
+def launcher_words(opts: SubmitOptions, container_image: str | None = None) -> list[str]:
     """The command the tasks run, as words: ``--launcher`` split as a shell splits it (quotes
     group, nothing is expanded), or this interpreter's (in a container, the image's) Python:
     on a shared filesystem the nodes run the same install."""
     if opts.launcher is None:
-        python = "python" if opts.container_image else sys.executable
+        python = "python" if (opts.container_image or container_image) else sys.executable
         return [python, "-m", "sci_scale"]
     refuse_control_characters("--launcher", opts.launcher)
     try:
@@ -195,12 +196,20 @@ def script_values(cfg: Config, config_path: Path, opts: SubmitOptions) -> dict[s
     refuse_control_characters("run.dir", str(run_dir))
     config = refuse_control_characters("config path", str(config_path.resolve()))
     log_dir = _log_dir(run_dir)
-    words = launcher_words(opts)
-    image = opts.container_image
-    mounts = opts.container_mounts
-    for key, value in (("--container-image", image), ("--container-mounts", mounts)):
+    sl = cfg.slurm
+    image, mounts = opts.container_image, opts.container_mounts
+    image_key, mounts_key = "--container-image", "--container-mounts"
+    if image is None:
+        image, image_key = sl.container_image, "slurm.container_image"
+    if mounts is None:
+        mounts, mounts_key = sl.container_mounts, "slurm.container_mounts"
+    for key, value in ((image_key, image), (mounts_key, mounts)):
         if value is not None:
             refuse_control_characters(key, value)
+    words = launcher_words(opts, image)
+    requeues_key, requeues = "--max-requeues", opts.max_requeues
+    if requeues is None:
+        requeues_key, requeues = "slurm.max_restarts", sl.max_restarts
     nodes = count("--nodes", opts.nodes, 1)
     tasks = count("--tasks-per-node", opts.ranks_per_node, 1)
     gpus = count("--gpus-per-node", opts.gpus_per_node, 0)
@@ -220,7 +229,17 @@ def script_values(cfg: Config, config_path: Path, opts: SubmitOptions) -> dict[s
         "constraint": optional_directive("--constraint", opts.constraint),
         "exclusive": bool(opts.exclusive),
         "signal_seconds": count("--signal-seconds", opts.signal_seconds, 0),
-        "max_requeues": count("--max-requeues", opts.max_requeues, 0),
+        "max_requeues": count(requeues_key, requeues, 0),
+        "setup": [
+            refuse_control_characters(f"slurm.setup[{i}]", line) for i, line in enumerate(sl.setup)
+        ],
+        "env": [
+            (
+                shell_name(f"slurm.env.{name}", name),
+                refuse_control_characters(f"slurm.env.{name}", value),
+            )
+            for name, value in sl.env.items()
+        ],
         "container_image": image,
         "container_mounts": mounts or str(run_dir),
         "extra_sbatch": [extra_directive(directive) for directive in opts.extra_sbatch],
@@ -228,6 +247,7 @@ def script_values(cfg: Config, config_path: Path, opts: SubmitOptions) -> dict[s
         "launcher": shlex.join(words),  # for site templates written as SCI_SCALE=({{ launcher }})
         "run_dir": str(run_dir),
         "log_dir": log_dir,
+        "log_path": str(run_dir / SLURM_DIR),
         "output": f"{log_dir}/%x-%j.out",
         "error": f"{log_dir}/%x-%j.err",
         "config": config,
