@@ -234,3 +234,24 @@ def test_a_killed_rank_ends_the_job_promptly_and_it_resumes_exactly(
     assert re.search(r"resumed from .*step_00000(05|10)", out), out
     assert_same_losses(read_metrics(run_dir), torchrun_records)
     assert (run_dir / "metrics.superseded.jsonl").exists()  # the killed attempt's records
+
+
+def test_sigterm_after_a_checkpoint_helper_started_still_saves_requeues_and_resumes(
+    cluster: LocalSlurm, torchrun_records: list[dict], runs: Path, data_cache: Path
+) -> None:
+    """Slurm signals every process of a job step, including the helper process megatron's
+    checkpoint writer starts at the first save; that helper must survive the signal, or the
+    save the signal asks for fails (BrokenPipe) and the work since the last one is lost."""
+    run_dir = runs / "sigterm"
+    job_id = submit(cluster, run_dir, data_cache, "checkpoint.interval=2")
+    wait_for_step(run_dir, 5, JOB_TIMEOUT_S)
+    cluster.run("scancel", "--signal=TERM", job_id)
+    state = cluster.wait_for_job(job_id, JOB_TIMEOUT_S)
+    out = job_output(run_dir, job_id)
+    assert state == "COMPLETED", out
+    stop = re.search(r"stopping at step (\d+) \(signal SIGTERM", out)
+    assert stop, out
+    assert "BrokenPipe" not in out and "Traceback" not in out
+    assert f"requeueing job {job_id}" in out and "(restart 1)" in out
+    assert f"step_{int(stop.group(1)):07d}" in out
+    assert_same_losses(read_metrics(run_dir), torchrun_records)

@@ -38,6 +38,7 @@ from sci_scale.checkpoint.manifest import fsync_dir, write_manifest
 from sci_scale.checkpoint.safe_load import restricted_checkpoint_reads, safe_torch_load
 from sci_scale.checkpoint.state import RunState, read_run_state
 from sci_scale.runtime import collectives
+from sci_scale.runtime.signals import deferred
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class CheckpointManager:
         self.root = root
         self.keep_last = keep_last
 
+    @deferred()  # helper processes of the save must not die of a job-wide signal
     def save(
         self,
         model: torch.nn.Module,
@@ -200,6 +202,7 @@ def load_weights(path: Path, model: torch.nn.Module, allow_missing_sci: bool = F
     return state
 
 
+@deferred()
 def save_weights(path: Path, model: torch.nn.Module, run_state: RunState) -> Path:
     """A weights-only checkpoint at ``path`` (no optimizer or RNG state), written atomically:
     what a conversion produces and ``checkpoint.init_from`` reads."""

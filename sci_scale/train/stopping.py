@@ -21,9 +21,10 @@ import time
 from types import FrameType
 from typing import Any
 
+from sci_scale.runtime.signals import STOP_SIGNALS
+
 log = logging.getLogger("sci_scale.train")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 # Signals noted by the early handler and not yet taken over by a StopConditions, in order.
 _early: list[str] = []
