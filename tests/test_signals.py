@@ -65,3 +65,39 @@ def test_outside_the_main_thread_nothing_is_blocked() -> None:
     thread.join()
     assert signal.SIGTERM not in masks[0]
     assert multiprocessing.current_process().name == "MainProcess"
+
+
+HANG = """
+import time
+from sci_scale.train.hang import HangWatch
+
+watch = HangWatch(1.0, is_main=True)
+for step in range(3):  # steps shorter than the window re-arm it and pass
+    watch.step_started()
+    time.sleep(0.4)
+watch.step_started()
+time.sleep(30)  # a hung step
+"""
+
+
+def test_the_hang_watch_dumps_the_stacks_and_exits_after_a_long_step(tmp_path) -> None:
+    script = tmp_path / "hang.py"
+    script.write_text(HANG)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=60)  # fmt: skip
+    assert proc.returncode == 1
+    assert "Timeout (0:00:01)!" in proc.stderr
+    assert f'File "{script}", line 10 in <module>' in proc.stderr  # where it hung
+
+
+def test_hang_timeout_must_be_positive() -> None:
+    from sci_scale.config import ConfigError, load_config
+
+    assert load_config(None, ["train.hang_timeout_s=600"]).train.hang_timeout_s == 600.0
+    try:
+        load_config(None, ["train.hang_timeout_s=0"])
+    except ConfigError as exc:
+        assert str(exc).startswith("train.hang_timeout_s must be positive")
+    else:
+        raise AssertionError("accepted")

@@ -255,3 +255,58 @@ def test_sigterm_after_a_checkpoint_helper_started_still_saves_requeues_and_resu
     assert f"requeueing job {job_id}" in out and "(restart 1)" in out
     assert f"step_{int(stop.group(1)):07d}" in out
     assert_same_losses(read_metrics(run_dir), torchrun_records)
+
+
+HANGING_LAUNCHER = """
+import os, sys, time
+from pathlib import Path
+
+# Rank 1 of the job's first run hangs in its {hang_at}th collective, as a dead peer or a wedged
+# NCCL operation would leave it; every later restart runs normally.
+if os.environ.get("SLURM_RESTART_COUNT", "0") == "0" and os.environ.get("SLURM_PROCID") == "1":
+    import sci_scale.runtime.collectives as collectives
+
+    original, calls = collectives.all_reduce_values, []
+
+    def hanging(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == {hang_at}:
+            Path({mark!r}).write_text(str(time.time()))
+            time.sleep(3600)
+        return original(*args, **kwargs)
+
+    collectives.all_reduce_values = hanging
+
+if __name__ == "__main__":  # megatron's checkpoint writer starts a process that imports this
+    from sci_scale.cli.main import main
+
+    sys.exit(main())
+"""
+
+
+def test_a_hung_rank_is_detected_dumps_its_stacks_and_the_job_resumes_exactly(
+    cluster: LocalSlurm, torchrun_records: list[dict], runs: Path, data_cache: Path
+) -> None:
+    timeout_s = 20
+    run_dir = runs / "hung"
+    mark = runs / "hung-since"
+    launcher = runs / "hanging_launcher.py"
+    launcher.write_text(HANGING_LAUNCHER.format(hang_at=12, mark=str(mark)))
+    job_id = submit(
+        cluster, run_dir, data_cache, "checkpoint.interval=2", f"train.hang_timeout_s={timeout_s}",
+        "--launcher", f"{sys.executable} {launcher}",
+    )  # fmt: skip
+    state = cluster.wait_for_job(job_id, JOB_TIMEOUT_S)
+    out = job_output(run_dir, job_id)
+    assert state == "COMPLETED", out
+    assert mark.exists(), "the rank never hung"
+    assert f"Timeout (0:00:{timeout_s})!" in out  # faulthandler's dump ...
+    assert "most recent call first" in out and "in hanging" in out  # ... with the hung frame
+    restarts = (run_dir / "slurm" / "restarts.log").read_text().splitlines()
+    assert len(restarts) == 1 and "training exited with status" in restarts[0]
+    detected = datetime.fromisoformat(restarts[0].split()[0]).timestamp()
+    waited = detected - float(mark.read_text())
+    print(f"\nhang detected and the job ended {waited:.0f}s after it began")
+    assert waited < timeout_s + 60
+    assert "(restart 1)" in out
+    assert_same_losses(read_metrics(run_dir), torchrun_records)

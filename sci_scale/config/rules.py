@@ -151,6 +151,10 @@ def _training(cfg: Config) -> None:
     schema already, so these are the ranges within which each one means something."""
     t = cfg.train
     _require(
+        t.hang_timeout_s is None or t.hang_timeout_s > 0,
+        f"train.hang_timeout_s must be positive (or null: no hang watch), got {t.hang_timeout_s}",
+    )
+    _require(
         t.max_wall_minutes is None or t.max_wall_minutes > 0,
         f"train.max_wall_minutes must be positive (or null for no limit), got {t.max_wall_minutes}",
     )

@@ -210,6 +210,9 @@ class TrainSection(_Section):
     eval_batches: int = 4
     # Stop cleanly (checkpoint, then exit) after this many minutes; for jobs with a time limit.
     max_wall_minutes: Float | None = None
+    # A step (with its eval and checkpoint) longer than this dumps every thread's stack and
+    # ends the process, so that a hung job fails and is requeued (train.hang; null: off).
+    hang_timeout_s: Float | None = None
     # A step whose loss or gradient norm is not finite is skipped (no optimizer update);
     # this many skipped steps in a row stop the run with an error.
     max_consecutive_skips: int = 5

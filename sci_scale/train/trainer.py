@@ -42,6 +42,7 @@ from sci_scale.train.grads import (
     mark_tied_output_copy,
 )
 from sci_scale.train.guards import Skip, StepGuard, check_finite_state, deepspeed_step
+from sci_scale.train.hang import HangWatch
 from sci_scale.train.memory import FirstStepMemory
 from sci_scale.train.metrics import MetricsSink
 from sci_scale.train.optim import build_optimizer, lr_at, set_lr
@@ -157,6 +158,7 @@ class Trainer:
         self.memory = FirstStepMemory(self.env.rank)
         self.progress = ProgressLog(cfg)
         self.guard = StepGuard(cfg, self.env.world_size, self.is_main, self.engine and self.model)
+        self.hang = HangWatch(t.hang_timeout_s, self.is_main)
         self.stops = StopConditions(
             t.max_wall_minutes, self.is_main, self.env.world_size, started=self.started
         )
@@ -303,6 +305,7 @@ class Trainer:
             *(t.micro_batch_size, cfg.model.seq_length),
         )
         while self.step < stop_at:
+            self.hang.step_started()
             record = self.train_step()
             if self.step % t.eval_interval == 0 or self.step == t.steps:
                 record.update(self.evaluate())
@@ -340,6 +343,7 @@ class Trainer:
             with self.stops:
                 self.train(result, stop_at, max_steps)
         finally:
+            self.hang.stop()
             if self.metrics is not None:
                 self.metrics.close()
             destroy_distributed()
