@@ -310,3 +310,66 @@ def test_a_hung_rank_is_detected_dumps_its_stacks_and_the_job_resumes_exactly(
     assert waited < timeout_s + 60
     assert "(restart 1)" in out
     assert_same_losses(read_metrics(run_dir), torchrun_records)
+
+
+SIGNALLING_LAUNCHER = """
+import os, signal, sys
+
+# In the job's first run, every task signals its own process group (as Slurm signals a job
+# step) at a chosen moment: {where}.
+if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+    def send():
+        os.kill(0, signal.{signal})
+
+    if {where!r} == "set-up":
+        import sci_scale.train.trainer as trainer
+
+        build = trainer.build_data
+
+        def build_data(*args, **kwargs):
+            send()
+            return build(*args, **kwargs)
+
+        trainer.build_data = build_data
+    else:  # in the middle of the save at step {step}: model written, the rest not yet
+        import megatron.core.dist_checkpointing as dist_checkpointing
+
+        save = dist_checkpointing.save
+
+        def saving(*args, **kwargs):
+            result = save(*args, **kwargs)
+            if "step_{step:07d}" in str(args[1]):
+                send()
+            return result
+
+        dist_checkpointing.save = saving
+
+if __name__ == "__main__":
+    from sci_scale.cli.main import main
+
+    sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("where", "sig"), [("set-up", "SIGUSR1"), ("save", "SIGTERM")], ids=["set-up", "save"]
+)
+def test_a_signal_during_set_up_or_a_save_requeues_and_resumes_exactly(
+    cluster: LocalSlurm, torchrun_records: list[dict], runs: Path, data_cache: Path, where, sig
+) -> None:
+    run_dir = runs / f"signal-{where}"
+    launcher = runs / f"signal_{where}.py"
+    launcher.write_text(SIGNALLING_LAUNCHER.format(where=where, signal=sig, step=4))
+    job_id = submit(cluster, run_dir, data_cache, "checkpoint.interval=2",
+                    "--launcher", f"{sys.executable} {launcher}")  # fmt: skip
+    state = cluster.wait_for_job(job_id, JOB_TIMEOUT_S)
+    out = job_output(run_dir, job_id)
+    assert state == "COMPLETED", out
+    assert "Traceback" not in out and f"requeueing job {job_id}" in out and "(restart 1)" in out
+    if where == "set-up":
+        assert f"received {sig} during set-up: stopping before the first step" in out
+        assert "stopping before step 1" in out
+    else:  # the save at step 4 completed; the signal, held until then, stops the next step
+        assert f"stopping at step 5 (signal {sig}" in out
+        assert f"resumed from {run_dir / 'checkpoints' / 'step_0000005'}" in out
+    assert_same_losses(read_metrics(run_dir), torchrun_records)
