@@ -130,3 +130,22 @@ def test_values_that_would_break_the_script_are_refused(tmp_path, override, mess
     with pytest.raises(ConfigError) as info:
         render(tmp_path, override)
     assert str(info.value).startswith(message)
+
+
+def test_srun_args_reach_srun_as_given(tmp_path) -> None:
+    script, run_dir = render(tmp_path, "slurm.srun_args=['--cpu-bind=cores', '--comment=a b']")
+    _, calls, _ = run(script, run_dir, train_rc=0, finished_rc=0)
+    train = next(c for c in calls if c[0] == "srun")
+    assert train[train.index("--cpu-bind=cores") + 1] == "--comment=a b"
+    with pytest.raises(ConfigError, match=r"slurm.srun_args\[0\] 'rm' is not an srun option"):
+        render(tmp_path, "slurm.srun_args=[rm]")
+
+
+def test_gpu_jobs_ask_for_the_whole_node_memory_unless_told(tmp_path) -> None:
+    cfg = load_config(None, small_overrides(tmp_path / "run", tmp_path / "cache"))
+    path = tmp_path / "c.yaml"
+    assert "#SBATCH --mem=0\n" in render_script(cfg, path, SubmitOptions(gpus_per_node=8))
+    assert "#SBATCH --mem=200G\n" in render_script(
+        cfg, path, SubmitOptions(gpus_per_node=8, mem="200G")
+    )
+    assert "--mem" not in render_script(cfg, path, SubmitOptions(gpus_per_node=0))

@@ -304,6 +304,9 @@ class SlurmSection(_Section):
     # pyxis/enroot: the image the tasks run in (null: none) and its mounts (null: the run dir)
     container_image: str | None = None
     container_mounts: str | None = None
+    # Extra options of the srun that starts the tasks, e.g. CPU and GPU binding on GPU nodes:
+    # ["--cpu-bind=cores", "--gpu-bind=closest"] (each one argument, quoted).
+    srun_args: list[str] = Field(default_factory=list)
 
 
 class Config(_Section):

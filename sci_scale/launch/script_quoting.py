@@ -128,3 +128,11 @@ def shell_name(key: str, name: str) -> str:
             f"{key}: {name!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
         )
     return name
+
+
+def srun_option(key: str, option: str) -> str:
+    """An extra srun option: one line, and an option (it is passed as one quoted argument)."""
+    refuse_control_characters(key, option)
+    if not option.startswith("-"):
+        raise ConfigError(f"{key} {option!r} is not an srun option (e.g. --cpu-bind=cores)")
+    return option

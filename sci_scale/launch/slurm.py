@@ -65,6 +65,7 @@ from sci_scale.launch.script_quoting import (
     refuse_control_characters,
     sbatch_quote,
     shell_name,
+    srun_option,
 )
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,8 @@ def script_values(cfg: Config, config_path: Path, opts: SubmitOptions) -> dict[s
         "tasks_per_node": tasks,
         "gpus_per_node": gpus,
         "cpus_per_task": cpus,
-        "mem": optional_directive("--mem", opts.mem),
+        # GPU nodes: all of a node's memory unless --mem says otherwise (sites often cap it)
+        "mem": optional_directive("--mem", opts.mem if opts.mem or gpus == 0 else "0"),
         "time": directive_value("--time", opts.time),
         "partition": optional_directive("--partition", opts.partition),
         "account": optional_directive("--account", opts.account),
@@ -244,6 +246,7 @@ def script_values(cfg: Config, config_path: Path, opts: SubmitOptions) -> dict[s
         "container_mounts": mounts or str(run_dir),
         "extra_sbatch": [extra_directive(directive) for directive in opts.extra_sbatch],
         "launcher_words": words,
+        "srun_args": [srun_option(f"slurm.srun_args[{i}]", a) for i, a in enumerate(sl.srun_args)],
         "launcher": shlex.join(words),  # for site templates written as SCI_SCALE=({{ launcher }})
         "run_dir": str(run_dir),
         "log_dir": log_dir,
