@@ -297,13 +297,13 @@ def check_memory(cfg: Config, opts: SubmitOptions) -> None:
 def submit(
     cfg: Config, opts: SubmitOptions, dry_run: bool = False, base: Path | None = None
 ) -> Submission:
-    """Resolve the config's paths against ``base`` (default: the current directory) and check
-    its inputs, check the layout and its memory, freeze the config beside the script, render
-    the script, and (unless dry) sbatch it."""
+    """Resolve the config's paths against ``base`` (default: the current directory), check the
+    layout, its memory and the inputs, freeze the config beside the script, render the script,
+    and (unless dry) sbatch it."""
     cfg = resolve_paths(cfg, base or Path.cwd())
-    check_inputs(cfg)
     check_layout(cfg, opts)
     check_memory(cfg, opts)
+    check_inputs(cfg)
     run_dir = Path(cfg.run.dir)
     slurm_dir = run_dir / SLURM_DIR
     stem = f"train-{time.strftime('%Y%m%d-%H%M%S')}"
