@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import random
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from sci_scale.checkpoint.index import LATEST, RUN_STATE, CheckpointError, step_dir_name
-from sci_scale.checkpoint.manifest import fsync_dir, write_manifest
+from sci_scale.checkpoint.manifest import fsync_dir, write_manifest, write_partial_manifest
 from sci_scale.checkpoint.safe_load import restricted_checkpoint_reads, safe_torch_load
 from sci_scale.checkpoint.state import RunState, read_run_state
 from sci_scale.runtime import collectives
@@ -106,6 +108,7 @@ class CheckpointManager:
     def __init__(self, root: Path, keep_last: int) -> None:
         self.root = root
         self.keep_last = keep_last
+        self.pending: _PendingSave | None = None  # an async save being written
 
     @deferred()  # helper processes of the save must not die of a job-wide signal
     def save(
@@ -116,6 +119,86 @@ class CheckpointManager:
         engine: Any = None,
     ) -> Path:
         """Write a complete checkpoint (collective: every rank calls it)."""
+        self.poll(blocking=True)
+        tmp, final = self._start(run_state)
+        with full_parameters(engine, model):
+            dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+        rank_state = self._rank_state(tmp, optimizer, engine)
+        _save_torch(rank_state, tmp / f"rank_{_rank():05d}.pt")
+        _barrier()
+        self._finish(tmp, final, run_state)
+        return final
+
+    @deferred()  # the writer process inherits the block: a job-wide signal cannot kill it
+    def save_async(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        run_state: RunState,
+        engine: Any = None,
+    ) -> Path:
+        """Start a checkpoint and return while a forked process writes it (collective).
+
+        What stalls training is megatron's save plan (collective), ``common.pt``, copying this
+        rank's tensors off the device and the fork; the writer process then writes the shards
+        and this rank's RNG/optimizer file from that snapshot (the fork's copy-on-write memory)
+        and hashes what it wrote. :meth:`poll` finishes the checkpoint once every rank's writer
+        is done: megatron's metadata, the manifest, the rename, ``latest``. Until then the
+        checkpoint is a ``.tmp-`` directory and ``latest`` names the previous one. One save is
+        in flight at a time: a second waits for the first. DeepSpeed's ZeRO state is written
+        synchronously before the fork (its engine owns that format)."""
+        self.poll(blocking=True)
+        tmp, final = self._start(run_state)
+        with full_parameters(engine, model):
+            request = dist_checkpointing.save(
+                model.sharded_state_dict(), str(tmp / "model"), async_sharded_save=True
+            )
+        rank_state = _to_host(self._rank_state(tmp, optimizer, engine))
+        args = list(request.async_fn_args)
+        if request.preload_fn is not None:
+            args[1] = request.preload_fn()  # device tensors staged in host memory
+        writer = multiprocessing.get_context("fork").Process(
+            target=_write_in_background,
+            args=(request.async_fn, args, request.async_fn_kwargs, rank_state, tmp, _rank()),
+        )
+        writer.start()
+        self.pending = _PendingSave(writer, request, tmp, final, run_state)
+        return final
+
+    def poll(self, blocking: bool = False) -> Path | None:
+        """Finish the checkpoint in flight if every rank's writer is done (or, ``blocking``,
+        once they are); returns its path when it was finished now. Collective: every rank calls
+        it at the same points (the trainer: once per step, before a save, at the end)."""
+        pending = self.pending
+        if pending is None:
+            return None
+        if blocking:
+            pending.writer.join()
+        (alive,) = collectives.all_reduce_values(
+            [pending.writer.is_alive()], op=collectives.ReduceOp.MAX
+        )
+        if alive:
+            return None
+        pending.writer.join()
+        self.pending = None
+        code = pending.writer.exitcode
+        codes = collectives.all_gather_object(code) if dist.is_initialized() else [code]
+        failed = {rank: code for rank, code in enumerate(codes) if code != 0}
+        if failed:
+            where = ", ".join(f"rank {r}: status {c}" for r, c in sorted(failed.items()))
+            raise CheckpointError(
+                f"the checkpoint of step {pending.run_state.step} was not written (its writer "
+                f"process exited with {where}); {pending.tmp} is incomplete and "
+                f"{self.root / LATEST} still names the previous checkpoint"
+            )
+        for finalize in pending.request.finalize_fns:  # megatron's metadata
+            finalize()
+        self._finish(pending.tmp, pending.final, pending.run_state)
+        if _rank() == 0:
+            log.info("checkpoint %s complete", pending.final)
+        return pending.final
+
+    def _start(self, run_state: RunState) -> tuple[Path, Path]:
         name = step_dir_name(run_state.step)
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
@@ -125,25 +208,31 @@ class CheckpointManager:
                 shutil.rmtree(stale)  # left by a save that crashed
             (tmp / "model").mkdir(parents=True)
         _barrier()
-        with full_parameters(engine, model):
-            dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+        return tmp, final
+
+    @staticmethod
+    def _rank_state(tmp: Path, optimizer: torch.optim.Optimizer, engine: Any) -> dict[str, Any]:
         rank_state: dict[str, Any] = {"rng": capture_rng_state()}
         if engine is None:
             rank_state["optimizer"] = optimizer.state_dict()
         else:  # ZeRO-partitioned optimizer state, in DeepSpeed's own format
-            engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
-        _save_torch(rank_state, tmp / f"rank_{_rank():05d}.pt")
-        _barrier()
+            with _weights_kept_once(engine):
+                engine.save_checkpoint(
+                    str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False
+                )
+        return rank_state
+
+    def _finish(self, tmp: Path, final: Path, run_state: RunState) -> None:
+        """Seal the checkpoint, then point ``latest`` at it and prune old ones."""
         _seal(tmp, final, run_state)
         if _rank() == 0:
             pointer_tmp = self.root / f".{LATEST}.tmp"
-            pointer_tmp.write_text(name + "\n")
+            pointer_tmp.write_text(final.name + "\n")
             _fsync_file(pointer_tmp)
             os.replace(pointer_tmp, self.root / LATEST)
             fsync_dir(self.root)
             self._prune(keep=final)
         _barrier()
-        return final
 
     def _prune(self, keep: Path) -> None:
         if self.keep_last <= 0:
@@ -217,6 +306,60 @@ def save_weights(path: Path, model: torch.nn.Module, run_state: RunState) -> Pat
     _seal(tmp, path, run_state)
     _barrier()
     return path
+
+
+@contextlib.contextmanager
+def _weights_kept_once(engine: Any) -> Iterator[None]:
+    """DeepSpeed writes the module's whole state dict into its ``model_states`` file beside the
+    ZeRO optimizer state; the weights are already in the checkpoint's ``model/`` (megatron's
+    distributed checkpoint, which also reshards), so DeepSpeed is handed an empty module state
+    dict for the save. Loading restores the weights from ``model/`` first and then asks
+    DeepSpeed for its optimizer state with ``load_module_strict=False``, which the empty dict
+    satisfies. DeepSpeed has no option for this; its ``module_state_dict`` method is shadowed
+    on the engine instance for the duration of the save only."""
+    engine.module_state_dict = lambda *args, **kwargs: {}
+    try:
+        yield
+    finally:
+        del engine.module_state_dict
+
+
+@dataclass
+class _PendingSave:
+    writer: Any  # multiprocessing.Process
+    request: Any  # megatron's AsyncRequest
+    tmp: Path
+    final: Path
+    run_state: RunState
+
+
+def _to_host(obj: Any) -> Any:
+    """``obj`` with every tensor in host memory (device tensors do not survive a fork)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu")
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
+def _write_in_background(
+    write: Any,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    rank_state: dict[str, Any],
+    tmp: Path,
+    rank: int,
+) -> None:
+    """The writer process of an async save: megatron's shard writer, this rank's state file,
+    and the hashes of both for the manifest (so the seal has only the small files left)."""
+    if write is not None:  # None: nothing of the model is this rank's to write (a DP replica)
+        write(*args, **kwargs)
+    rank_file = tmp / f"rank_{rank:05d}.pt"
+    _save_torch(rank_state, rank_file)
+    mine = [rank_file, *(tmp / "model").glob(f"__{rank}_*")]
+    write_partial_manifest(tmp, rank, mine)
 
 
 def _seal(tmp: Path, final: Path, run_state: RunState) -> None:

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _TMP_MANIFEST = f".{MANIFEST}.tmp"
+# What an async save's writer process hashed of its own files, merged into the manifest
+_PARTIAL = ".manifest-rank_{rank:05d}.json"
+_PARTIAL_GLOB = ".manifest-rank_*.json"
 FORMAT_VERSION = 1
 HASH_NAME = "xxh3_128"
 # The files every checkpoint has (megatron's distributed checkpoint writes the last three).
@@ -73,7 +76,8 @@ def list_files(directory: Path) -> list[tuple[str, int]]:
     found = []
     for path in directory.rglob("*"):
         rel = path.relative_to(directory).as_posix()
-        if path.is_file() and not path.is_symlink() and rel not in (MANIFEST, _TMP_MANIFEST):
+        hidden = rel in (MANIFEST, _TMP_MANIFEST) or path.match(_PARTIAL_GLOB)
+        if path.is_file() and not path.is_symlink() and not hidden:
             found.append((rel, path.stat().st_size))
     return sorted(found)
 
@@ -165,20 +169,50 @@ def read_manifest(directory: Path) -> list[Entry] | Damage | None:
 
 
 # -- every rank --------------------------------------------------------------------------
+def write_partial_manifest(directory: Path, rank: int, files: list[Path]) -> None:
+    """Hash ``files`` (this rank's, just written by an async save's writer process) and leave
+    their entries for :func:`write_manifest`, which then need not read them again."""
+    entries = []
+    for path in files:
+        size, digest = hash_file(path, sync=True)
+        entries.append({"path": path.relative_to(directory).as_posix(), "size": size,
+                        HASH_NAME: digest})  # fmt: skip
+    partial = directory / _PARTIAL.format(rank=rank)
+    with open(partial, "w") as handle:
+        json.dump(entries, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _partial_entries(directory: Path) -> dict[str, Entry]:
+    known = {}
+    for partial in directory.glob(_PARTIAL_GLOB):
+        for e in json.loads(partial.read_text()):
+            known[e["path"]] = Entry(e["path"], int(e["size"]), str(e[HASH_NAME]))
+    return known
+
+
 def write_manifest(directory: Path) -> list[Entry]:
     """Hash every file of a complete checkpoint directory and write its manifest (collective:
     every rank calls it once all files are written; rank 0 writes the file). Each file is also
-    synced to stable storage as it is hashed. Returns the entries on every rank."""
+    synced to stable storage as it is hashed. Files an async save's writers hashed already (their
+    partial manifests, of the same size now) are taken as they are. Returns the entries on
+    every rank."""
     rank, world = _rank_world()
+    known = _from_rank0(_partial_entries(directory) if rank == 0 else None)
     listing = _from_rank0(list_files(directory) if rank == 0 else None)
-    mine = shares([size for _, size in listing], world)[rank]
+    todo = [(rel, size) for rel, size in listing if known.get(rel, Entry("", -1, "")).size != size]
+    mine = shares([size for _, size in todo], world)[rank]
     hashed = []
     for i in mine:
-        size, digest = hash_file(directory / listing[i][0], sync=True)
-        hashed.append((i, Entry(listing[i][0], size, digest)))
-    entries = [entry for _, entry in sorted(_gather_flat(hashed))]
+        size, digest = hash_file(directory / todo[i][0], sync=True)
+        hashed.append(Entry(todo[i][0], size, digest))
+    fresh = {e.path: e for e in _gather_flat(hashed)}
+    entries = [fresh.get(rel) or known[rel] for rel, _ in listing]
     if rank == 0:
         write_manifest_file(directory, entries)
+        for partial in directory.glob(_PARTIAL_GLOB):
+            partial.unlink()
     collectives.barrier()
     return entries
 

@@ -241,6 +241,9 @@ class CheckpointSection(_Section):
     keep_last: int = 2
     save_final: bool = True
     save_initial: bool = False  # also write step 0 (the initial weights) before training
+    # Write checkpoints in a forked process while training goes on (the step stalls only for
+    # the snapshot); `latest` moves once every rank's writer is done (docs/checkpoints.md).
+    async_save: bool = False
     init_from: str | None = None  # a checkpoint directory whose weights start a new run
 
 

@@ -162,9 +162,20 @@ class RunCheckpoints:
             config=config_to_dict(self.cfg),
             tokenizer=self.tokenizer,
         )
+        if self.cfg.checkpoint.async_save:
+            path = self.manager.save_async(model, optimizer, state, engine)
+            self.stall_s = time.perf_counter() - t0
+            log.info("checkpoint %s started (training stalled %.2fs)", path, self.stall_s)
+            return path
         path = self.manager.save(model, optimizer, state, engine)
-        log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
+        self.stall_s = time.perf_counter() - t0
+        log.info("checkpoint %s (%.1fs)", path, self.stall_s)
         return path
+
+    def poll(self, blocking: bool = False) -> None:
+        """Finish an async checkpoint whose writers are done (collective: every rank, at the
+        same points); ``blocking`` waits for them (before exiting)."""
+        self.manager.poll(blocking)
 
     def _same_layout(self) -> bool:
         """Whether the optimizer state can be loaded as saved (same TP/PP/ZeRO/world)."""

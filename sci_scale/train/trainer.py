@@ -65,6 +65,7 @@ class TrainResult:
     pair_rate_realised: float = 0.0
     stop_reason: str | None = None  # set when a signal or train.max_wall_minutes ended the run
     skipped_steps: int = 0  # updates the step guard skipped (train.guards), this invocation
+    save_stalls_s: list[float] = field(default_factory=list)  # training time each save took
 
     @property
     def finished(self) -> bool:
@@ -278,18 +279,20 @@ class Trainer:
         return out
 
     # -- loop ----------------------------------------------------------------------------
-    def _save(self) -> Path:
+    def _save(self, result: TrainResult) -> Path:
         check_finite_state(self.model, self.optimizer, self.step, self.env.world_size)
-        return self.checkpoints.save(
+        path = self.checkpoints.save(
             self.model, self.optimizer, self.engine, self.step, self.consumed_samples
         )
+        result.save_stalls_s.append(self.checkpoints.stall_s)
+        return path
 
     def train(self, result: TrainResult, stop_at: int, max_steps: int | None) -> None:
         """Steps to ``stop_at``: eval, metrics, console, checkpoints, and an agreed early stop."""
         cfg, t = self.cfg, self.cfg.train
         last_saved = self.step if self.checkpoints.resuming else -1
         if cfg.checkpoint.save_initial and self.step == 0:
-            result.checkpoint, last_saved = self._save(), 0
+            result.checkpoint, last_saved = self._save(result), 0
         if self.step < stop_at and (early := self.stops.reason(wall_clock=False)):
             result.stop_reason = early  # a signal during set-up: no step ran, nothing new to save
             if self.is_main:
@@ -314,9 +317,10 @@ class Trainer:
                 self.metrics.write(record)
             self.progress.add(record)
             self.guard.stop_if_diverged()
+            self.checkpoints.poll()  # an async checkpoint whose writers are done is sealed
             stop_reason = self.stops.reason() if self.step < stop_at else None
             if self.step % cfg.checkpoint.interval == 0 or stop_reason:
-                result.checkpoint, last_saved = self._save(), self.step
+                result.checkpoint, last_saved = self._save(result), self.step
             if stop_reason:
                 result.stop_reason = stop_reason
                 if self.is_main:
@@ -328,7 +332,7 @@ class Trainer:
         if last_saved != self.step and (
             max_steps is not None or (finished and cfg.checkpoint.save_final)
         ):
-            result.checkpoint = self._save()
+            result.checkpoint = self._save(result)
 
     def run(self, max_steps: int | None = None) -> TrainResult:
         """Train to ``train.steps`` (or ``max_steps`` more steps, then checkpoint and stop)."""
@@ -342,6 +346,7 @@ class Trainer:
         try:
             with self.stops:
                 self.train(result, stop_at, max_steps)
+                self.checkpoints.poll(blocking=True)  # no exit before the checkpoint is whole
         finally:
             self.hang.stop()
             if self.metrics is not None:
