@@ -123,7 +123,7 @@ def test_the_submit_option_overrides_slurm_max_restarts(tmp_path) -> None:
         ("slurm.env={'BAD-NAME': x}", "slurm.env.BAD-NAME: 'BAD-NAME' is not an environment"),
         ('slurm.env={OK: "a\\nb"}', "slurm.env.OK 'a\\nb' contains a newline"),
         ('slurm.setup=["module load x\\nrm -rf /"]', "slurm.setup[0] 'module load x\\nrm"),
-        ('slurm.container_image="img\\n"', "slurm.container_image 'img\\n' contains a newline"),
+        ('slurm.container="img\\n"', "slurm.container 'img\\n' contains a newline"),
     ],
 )
 def test_values_that_would_break_the_script_are_refused(tmp_path, override, message) -> None:
@@ -149,3 +149,11 @@ def test_gpu_jobs_ask_for_the_whole_node_memory_unless_told(tmp_path) -> None:
         cfg, path, SubmitOptions(gpus_per_node=8, mem="200G")
     )
     assert "--mem" not in render_script(cfg, path, SubmitOptions(gpus_per_node=0))
+
+
+def test_a_container_from_the_config_or_the_command_line(tmp_path) -> None:
+    script, _ = render(tmp_path, "slurm.container=nvcr.io/me/sci:1", "slurm.container_mounts=/d")
+    assert "--container-image=nvcr.io/me/sci:1 --container-mounts=/d" in script
+    assert "SCI_SCALE=(fake-sci-scale)" in script  # an explicit launcher is kept
+    script, _ = render(tmp_path, "slurm.container=a", container_image="b")
+    assert "--container-image=b " in script  # the submit option wins

@@ -48,7 +48,7 @@ def add_submit(sub: argparse._SubParsersAction) -> None:
         "--max-requeues", type=int, help="restarts before giving up (default: slurm.max_restarts)"
     )
     sbm.add_argument(
-        "--container-image", help="run the tasks in this image (pyxis; slurm.container_image)"
+        "--container-image", help="run the tasks in this image (pyxis; slurm.container)"
     )
     sbm.add_argument(
         "--container-mounts",

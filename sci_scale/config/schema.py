@@ -304,8 +304,9 @@ class SlurmSection(_Section):
     # Requeues (after a signal, a time limit, a crash or a node failure) before the job gives
     # up; a configuration error (exit status 2) is never requeued.
     max_restarts: int = 20
-    # pyxis/enroot: the image the tasks run in (null: none) and its mounts (null: the run dir)
-    container_image: str | None = None
+    # pyxis/enroot: the image the tasks run in (srun --container-image; null: none) and its
+    # mounts (null: the run directory)
+    container: str | None = None
     container_mounts: str | None = None
     # Extra options of the srun that starts the tasks, e.g. CPU and GPU binding on GPU nodes:
     # ["--cpu-bind=cores", "--gpu-bind=closest"] (each one argument, quoted).

@@ -201,7 +201,7 @@ def script_values(cfg: Config, config_path: Path, opts: SubmitOptions) -> dict[s
     image, mounts = opts.container_image, opts.container_mounts
     image_key, mounts_key = "--container-image", "--container-mounts"
     if image is None:
-        image, image_key = sl.container_image, "slurm.container_image"
+        image, image_key = sl.container, "slurm.container"
     if mounts is None:
         mounts, mounts_key = sl.container_mounts, "slurm.container_mounts"
     for key, value in ((image_key, image), (mounts_key, mounts)):
