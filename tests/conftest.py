@@ -77,3 +77,14 @@ def _restore_logging():
     root.handlers[:] = handlers
     root.setLevel(level)
     megatron.setLevel(logging.WARNING)
+
+
+@pytest.fixture
+def recording_sbatch(tmp_path: Path) -> tuple[Path, Path]:
+    """A fake ``sbatch`` that records its calls and answers with a job id."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch-calls"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"
+    fake.write_text(f'#!/bin/bash\necho "$@" >> {calls}\necho 4242\n')
+    fake.chmod(0o755)
+    return bin_dir, calls

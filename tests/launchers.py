@@ -23,6 +23,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def sci_scale_cli(
+    *args: str, cwd: Path = REPO, path_dir: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m sci_scale ARGS`` as a user types it, in ``cwd``; ``path_dir`` goes first on
+    PATH (for stand-ins of sbatch and friends)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if path_dir is not None:
+        env["PATH"] = f"{path_dir}:{env['PATH']}"
+    return subprocess.run([sys.executable, "-m", "sci_scale", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+
+
 def torchrun(
     nproc: int,
     overrides: list[str],

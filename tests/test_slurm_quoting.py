@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import small_overrides
-from launchers import REPO
+from launchers import REPO, sci_scale_cli
 
 from sci_scale.config import Config, ConfigError, load_config
 from sci_scale.launch.slurm import (
@@ -331,17 +331,7 @@ def test_the_launcher_is_split_like_a_shell_and_never_expanded() -> None:
 
 
 def sci_scale(*args: str, cwd: Path, path_dir: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if path_dir is not None:
-        env["PATH"] = f"{path_dir}:{env['PATH']}"
-    return subprocess.run(
-        [sys.executable, "-m", "sci_scale", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return sci_scale_cli(*args, cwd=cwd, path_dir=path_dir)
 
 
 def write_config(directory: Path, run: dict[str, str]) -> Path:
@@ -375,17 +365,6 @@ def test_cli_dry_run_with_hostile_paths_renders_their_exact_values(
     assert got_run_dir == str(run_dir)
     assert got_config.startswith(f"{run_dir}/slurm/train-") and got_config.endswith(".yaml")
     assert nothing_ran(tmp_path)
-
-
-@pytest.fixture
-def recording_sbatch(tmp_path: Path) -> tuple[Path, Path]:
-    """A fake ``sbatch`` that records its calls and answers with a job id."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch-calls"
-    bin_dir.mkdir()
-    fake = bin_dir / "sbatch"
-    fake.write_text(f'#!/bin/bash\necho "$@" >> {calls}\necho 4242\n')
-    fake.chmod(0o755)
-    return bin_dir, calls
 
 
 @pytest.mark.parametrize(

@@ -6,39 +6,17 @@ a recorder, to prove that a refused layout never reaches it.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import small_overrides
-from launchers import REPO
+from launchers import sci_scale_cli
 
 
 def sci_scale(*args: str, path_dir: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if path_dir is not None:
-        env["PATH"] = f"{path_dir}:{env['PATH']}"
-    return subprocess.run(
-        [sys.executable, "-m", "sci_scale", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-
-
-@pytest.fixture
-def recording_sbatch(tmp_path: Path) -> tuple[Path, Path]:
-    """A fake ``sbatch`` that records its calls and answers with a job id."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch-calls"
-    bin_dir.mkdir()
-    fake = bin_dir / "sbatch"
-    fake.write_text(f'#!/bin/bash\necho "$@" >> {calls}\necho 4242\n')
-    fake.chmod(0o755)
-    return bin_dir, calls
+    return sci_scale_cli(*args, path_dir=path_dir)
 
 
 def test_dry_run_prints_the_script_with_the_key_directives(tmp_path: Path) -> None:

@@ -7,33 +7,19 @@ on the real cluster.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from launchers import REPO
+from launchers import sci_scale_cli
 
 from sci_scale.config import load_config
 from sci_scale.launch.inputs import check_inputs, resolve_paths
 
 
-@pytest.fixture
-def fake_sbatch(tmp_path: Path) -> tuple[Path, Path]:
-    """A ``sbatch`` on PATH that records the script it was given and answers with a job id."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch-calls"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$@" >> {calls}\necho 4242\n')
-    (bin_dir / "sbatch").chmod(0o755)
-    return bin_dir, calls
-
-
 def submit(cwd: Path, bin_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "sci_scale", "submit", *args, "--gpus-per-node", "0"]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return sci_scale_cli("submit", *args, "--gpus-per-node", "0", cwd=cwd, path_dir=bin_dir)
 
 
 @pytest.fixture
@@ -53,9 +39,9 @@ def project(tmp_path: Path) -> Path:
 
 
 def test_relative_paths_become_absolute_against_the_submitting_directory(
-    project: Path, fake_sbatch, tmp_path: Path
+    project: Path, recording_sbatch, tmp_path: Path
 ) -> None:
-    bin_dir, calls = fake_sbatch
+    bin_dir, calls = recording_sbatch
     args = [
         *("run.dir=runs/r1", "data.corpus=jsonl", "data.corpus_paths=[data/corpus.jsonl]"),
         *("data.tokenizer=tok/spm.model", "data.user_pairs_path=pairs.jsonl"),
@@ -102,9 +88,9 @@ def test_relative_paths_become_absolute_against_the_submitting_directory(
     ids=["indexed-prefix", "jsonl", "jsonl-dir", "tokenizer", "cogs", "init-from"],
 )  # fmt: skip
 def test_a_missing_input_is_refused_at_submit_naming_it(
-    project: Path, fake_sbatch, overrides: list[str], expected: str
+    project: Path, recording_sbatch, overrides: list[str], expected: str
 ) -> None:
-    bin_dir, calls = fake_sbatch
+    bin_dir, calls = recording_sbatch
     proc = submit(project, bin_dir, "run.dir=runs/r2", *overrides)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["sci-scale submit: error: " + expected.format(p=project)]
