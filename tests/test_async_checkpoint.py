@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-import sci_scale.checkpoint.manager as manager_module
+import sci_scale.checkpoint.async_writer as writer_module
 from sci_scale.checkpoint.index import latest_checkpoint
 from sci_scale.checkpoint.manifest import find_damage
 from sci_scale.checkpoint.safe_load import safe_torch_load
@@ -66,7 +66,7 @@ def test_a_writer_that_dies_leaves_the_previous_checkpoint_and_a_resume_continue
 ) -> None:
     from conftest import small_overrides
 
-    real = manager_module._write_in_background
+    real = writer_module.write_in_background
 
     def dying(write, args, kwargs, rank_state, tmp, rank):
         if tmp.name.endswith("step_0000004"):
@@ -74,7 +74,7 @@ def test_a_writer_that_dies_leaves_the_previous_checkpoint_and_a_resume_continue
             os._exit(9)  # as a kill -9 of the writer would end it
         real(write, args, kwargs, rank_state, tmp, rank)
 
-    monkeypatch.setattr(manager_module, "_write_in_background", dying)
+    monkeypatch.setattr(writer_module, "write_in_background", dying)
     run_dir = tmp_path / "run"
     argv = ["train", *small_overrides(run_dir, data_cache), *RUN, "checkpoint.async_save=true"]
     capsys.readouterr()
@@ -83,10 +83,21 @@ def test_a_writer_that_dies_leaves_the_previous_checkpoint_and_a_resume_continue
     assert len(line) == 1 and "the checkpoint of step 4 was not written" in line[0], line
     assert "exited with rank 0: status 9" in line[0]
     assert latest_checkpoint(run_dir / "checkpoints").name == "step_0000002"
-    monkeypatch.setattr(manager_module, "_write_in_background", real)
+    monkeypatch.setattr(writer_module, "write_in_background", real)
+    # What the dead writer had reported must not leak into later saves of this process (a
+    # model of another shape here, whose checkpoint must read back whole).
+    other = tmp_path / "other"
+    assert main(["train", *small_overrides(other, data_cache), "model.hidden_size=96",
+                 "train.steps=1", "checkpoint.interval=1"]) == 0  # fmt: skip
+    assert weights(other / "checkpoints" / "step_0000001", tmp_path / "o.pt")
     assert main([*argv, "--resume"]) == 0
     uninterrupted = read_metrics(runs["async"])
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
     for got, want in zip(read_metrics(run_dir), uninterrupted, strict=True):
         for key in ("lm_loss", "scl_loss", "grad_norm"):
             assert got[key] == want[key], (got["step"], key)
+    final = run_dir / "checkpoints" / "step_0000004"
+    assert find_damage(final) is None
+    expected = weights(runs["async"] / "checkpoints" / "step_0000004", tmp_path / "a.pt")
+    got = weights(final, tmp_path / "b.pt")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)

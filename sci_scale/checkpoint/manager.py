@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from sci_scale.checkpoint import async_writer
 from sci_scale.checkpoint.index import LATEST, RUN_STATE, CheckpointError, step_dir_name
-from sci_scale.checkpoint.manifest import fsync_dir, write_manifest, write_partial_manifest
+from sci_scale.checkpoint.manifest import fsync_dir, write_manifest
 from sci_scale.checkpoint.safe_load import restricted_checkpoint_reads, safe_torch_load
 from sci_scale.checkpoint.state import RunState, read_run_state
 from sci_scale.runtime import collectives
@@ -108,7 +108,7 @@ class CheckpointManager:
     def __init__(self, root: Path, keep_last: int) -> None:
         self.root = root
         self.keep_last = keep_last
-        self.pending: _PendingSave | None = None  # an async save being written
+        self.pending: async_writer.PendingSave | None = None  # an async save being written
 
     @deferred()  # helper processes of the save must not die of a job-wide signal
     def save(
@@ -153,16 +153,16 @@ class CheckpointManager:
             request = dist_checkpointing.save(
                 model.sharded_state_dict(), str(tmp / "model"), async_sharded_save=True
             )
-        rank_state = _to_host(self._rank_state(tmp, optimizer, engine))
+        rank_state = async_writer.to_host(self._rank_state(tmp, optimizer, engine))
         args = list(request.async_fn_args)
         if request.preload_fn is not None:
             args[1] = request.preload_fn()  # device tensors staged in host memory
         writer = multiprocessing.get_context("fork").Process(
-            target=_write_in_background,
+            target=async_writer.write_in_background,
             args=(request.async_fn, args, request.async_fn_kwargs, rank_state, tmp, _rank()),
         )
         writer.start()
-        self.pending = _PendingSave(writer, request, tmp, final, run_state)
+        self.pending = async_writer.PendingSave(writer, request, tmp, final, run_state)
         return final
 
     def poll(self, blocking: bool = False) -> Path | None:
@@ -199,6 +199,7 @@ class CheckpointManager:
         return pending.final
 
     def _start(self, run_state: RunState) -> tuple[Path, Path]:
+        async_writer.drop_stale_write_results()
         name = step_dir_name(run_state.step)
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
@@ -322,44 +323,6 @@ def _weights_kept_once(engine: Any) -> Iterator[None]:
         yield
     finally:
         del engine.module_state_dict
-
-
-@dataclass
-class _PendingSave:
-    writer: Any  # multiprocessing.Process
-    request: Any  # megatron's AsyncRequest
-    tmp: Path
-    final: Path
-    run_state: RunState
-
-
-def _to_host(obj: Any) -> Any:
-    """``obj`` with every tensor in host memory (device tensors do not survive a fork)."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu")
-    if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_host(v) for v in obj)
-    return obj
-
-
-def _write_in_background(
-    write: Any,
-    args: list[Any],
-    kwargs: dict[str, Any],
-    rank_state: dict[str, Any],
-    tmp: Path,
-    rank: int,
-) -> None:
-    """The writer process of an async save: megatron's shard writer, this rank's state file,
-    and the hashes of both for the manifest (so the seal has only the small files left)."""
-    if write is not None:  # None: nothing of the model is this rank's to write (a DP replica)
-        write(*args, **kwargs)
-    rank_file = tmp / f"rank_{rank:05d}.pt"
-    _save_torch(rank_state, rank_file)
-    mine = [rank_file, *(tmp / "model").glob(f"__{rank}_*")]
-    write_partial_manifest(tmp, rank, mine)
 
 
 def _seal(tmp: Path, final: Path, run_state: RunState) -> None:
