@@ -205,10 +205,9 @@ def test_a_learning_rate_that_blows_up_the_weights_saves_nothing_non_finite(
 
 
 DEEPSPEED_RUN = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 
-import torch.distributed as dist
 
 sys.path.insert(0, {tests!r})
 from conftest import small_overrides
@@ -241,7 +240,7 @@ if __name__ == "__main__":  # megatron's checkpoint writer starts a process that
                              "checkpoint.keep_last=10", "parallel.zero_stage={stage}",
                              "train.micro_batch_size=4"])
     result = trainer_module.train(cfg)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if os.environ.get("RANK", "0") == "0":  # the group is gone once train() returns
         print("RESULT" + json.dumps({{"skipped": result.skipped_steps, "step": result.step}}))
 """
 
