@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -13,18 +15,34 @@ import pytest
 
 from sci_scale.cli.main import main, parse_args
 from sci_scale.data.corpus import stdlib_docstrings, write_jsonl_texts
-from sci_scale.data.pairs import enumerate_commands, interpret, scan_split
+from sci_scale.data.indexed import open_indexed_dataset
+from sci_scale.data.pairs import (
+    enumerate_commands,
+    format_scan_line,
+    interpret,
+    scan_split,
+    scan_template,
+    user_examples,
+)
 from sci_scale.data.tokenizer import PAIR_SPECIAL_TOKENS, SentencePieceTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"IN: (\S.*?) OUT: (\S.*)")
 
 
-def scan_lines(capsys, *args: str) -> list[str]:
-    assert main(["pairs", "scan", *args]) == 0
+def scan_lines(capsys, *args: str, fmt: str = "txt") -> list[str]:
+    assert main(["pairs", "scan", *args, "--format", fmt]) == 0
     captured = capsys.readouterr()
     assert captured.out.endswith("\n")
     return captured.out.splitlines()
+
+
+def scan_records(capsys, *args: str) -> list[dict]:
+    """``pairs scan`` in its default format, JSONL."""
+    assert main(["pairs", "scan", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n")
+    return [json.loads(line) for line in out.splitlines()]
 
 
 def parse(lines: list[str]) -> list[tuple[str, list[str]]]:
@@ -74,12 +92,52 @@ def test_pairs_scan_part_defaults_to_train_and_seed_matters(capsys):
     assert parse(seeded) == scan_split("simple", "train", seed=7)
 
 
-def test_pairs_scan_rejects_an_unknown_split(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["pairs", "scan", "--split", "bogus"])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "invalid choice: 'bogus'" in err and "length" in err
+def test_pairs_scan_writes_jsonl_by_default(capsys, tmp_path):
+    records = scan_records(capsys, "--split", "length", "--part", "test")
+    pairs = scan_split("length", "test")
+    assert len(records) == len(pairs) == 3920
+    for record, (command, actions) in zip(records, pairs, strict=True):
+        assert record == {
+            "text": format_scan_line(command, actions),
+            "input": command,
+            "output": " ".join(actions),
+            "template": scan_template(command),
+            "split": "test",
+        }
+    assert [r["text"] for r in records] == scan_lines(capsys, "--split", "length", "--part", "test")
+    # The user-pairs loader reads it as is: texts, templates and the held-out split.
+    path = tmp_path / "length_test.jsonl"
+    assert main(["pairs", "scan", "--split", "length", "--part", "test"]) == 0
+    path.write_text(capsys.readouterr().out, encoding="utf-8")
+    examples = user_examples(path)
+    assert [(e.text, e.template, e.split) for e in examples] == [
+        (r["text"], r["template"], "test") for r in records
+    ]
+
+
+def test_pairs_scan_takes_a_combined_split(capsys):
+    split = "length+template_around_right"
+    train = scan_records(capsys, "--split", split)
+    assert [(r["input"], r["output"].split()) for r in train] == scan_split(split, "train")
+    assert {r["split"] for r in train} == {"train"}
+    held_out = {
+        c for part in ("length", "template_around_right") for c, _ in scan_split(part, "test")
+    }
+    commands = {r["input"] for r in train}
+    assert 0 < len(commands) < 16990 and not commands & held_out
+    test = scan_records(capsys, "--split", split, "--part", "test")
+    assert {r["input"] for r in test} == held_out
+
+
+@pytest.mark.parametrize("split", ["bogus", "length+bogus"])
+def test_pairs_scan_rejects_an_unknown_split(capsys, split):
+    assert main(["pairs", "scan", "--split", split]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing written before the error
+    err = captured.err
+    assert err.count("\n") == 1, err
+    assert err.startswith("sci-scale pairs: error: unknown SCAN split 'bogus'")
+    assert "length" in err and "template_around_right" in err
 
 
 # --- python -m sci_scale -------------------------------------------------------------------------
@@ -189,6 +247,63 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
     assert run_tests.startswith("bash tools/setup.sh && ")
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     assert run_tests in ci.splitlines()
+
+
+@pytest.fixture(scope="module")
+def scan_jsonl(tmp_path_factory) -> Path:
+    """``sci-scale pairs scan`` output as a file (the simple split's train part)."""
+    path = tmp_path_factory.mktemp("scan") / "scan.jsonl"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(["pairs", "scan", "--split", "simple"]) == 0
+    path.write_text(buffer.getvalue(), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "word"])
+def test_scan_jsonl_trains_a_tokenizer_and_preprocesses(scan_jsonl, model_type, tmp_path, capsys):
+    # The default --vocab-size 2048 is more than SCAN's text holds: a smaller vocabulary, logged.
+    prefix = tmp_path / "spm"
+    argv = ["tokenizer", "train", "--input", str(scan_jsonl), "--out", str(prefix)]
+    assert main([*argv, "--model-type", model_type]) == 0, capsys.readouterr().err
+    tokenizer = SentencePieceTokenizer(Path(f"{prefix}.model"))
+    assert 263 < tokenizer.vocab_size < 2048
+    out = capsys.readouterr().out
+    assert "not the 2048 asked" in out
+    assert f"trained a {tokenizer.vocab_size}-piece {model_type} tokenizer" in out
+    text = "IN: walk twice OUT: I_WALK I_WALK"
+    ids = tokenizer.tokenize(text)
+    assert tokenizer.detokenize(ids) == text
+    if model_type == "word":
+        assert len(ids) == 6
+        assert len(tokenizer.tokenize("I_TURN_LEFT")) == 1
+    data = tmp_path / "data" / "scan"
+    argv = ["preprocess", "--input", str(scan_jsonl), "--tokenizer", f"{prefix}.model"]
+    assert main([*argv, "--out", str(data)]) == 0, capsys.readouterr().err
+    dataset = open_indexed_dataset(data)
+    lines = scan_jsonl.read_text(encoding="utf-8").splitlines()
+    assert len(dataset) == len(lines) == 16728
+    first = json.loads(lines[0])["text"]
+    assert tokenizer.detokenize(dataset[0]) == first
+    assert dataset[0].tolist() == [*tokenizer.tokenize(first), tokenizer.eod]
+
+
+def test_tokenizer_train_symbols_are_single_pieces(scan_jsonl, tmp_path, capsys):
+    argv = ["tokenizer", "train", "--input", str(scan_jsonl), "--max-docs", "2000"]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    plain = SentencePieceTokenizer(tmp_path / "plain.model")
+    assert len(plain.tokenize("I_TURN_LEFT")) > 1  # bpe alone splits it
+    symbols = ["--symbols", "I_TURN_LEFT, I_TURN_RIGHT"]
+    assert main([*argv, "--out", str(tmp_path / "sym"), *symbols]) == 0
+    assert "and 2 symbol(s)" in capsys.readouterr().out
+    tokenizer = SentencePieceTokenizer(tmp_path / "sym.model")
+    left, right = tokenizer.token_to_id("I_TURN_LEFT"), tokenizer.token_to_id("I_TURN_RIGHT")
+    assert (left, right) == (7, 8)  # after the pair tokens, in the order given
+    ids = tokenizer.tokenize("OUT: I_TURN_LEFT I_TURN_RIGHT I_TURN_LEFT")
+    assert ids.count(left) == 2 and ids.count(right) == 1
+    assert main([*argv, "--out", str(tmp_path / "bad"), "--symbols", "I_TURN LEFT"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "whitespace" in err and "'I_TURN LEFT'" in err
 
 
 # --- dotted overrides anywhere after the command -------------------------------------------------

@@ -25,9 +25,11 @@ from sci_scale.data.corpus import (
     write_jsonl_texts,
 )
 from sci_scale.data.indexed import open_indexed_dataset, tokenize_documents, write_indexed_dataset
+from sci_scale.data.pairs import format_scan_line, scan_split
 from sci_scale.data.tokenizer import (
     PAIR_SPECIAL_TOKENS,
     SentencePieceTokenizer,
+    TokenizerError,
     tokenizer_identity,
     train_sentencepiece,
 )
@@ -176,7 +178,7 @@ def test_training_is_deterministic(sample: list[str], model_path: Path, tmp_path
 
 
 def test_bad_model_type(sample: list[str], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="bpe, unigram"):
+    with pytest.raises(ValueError, match="bpe, unigram, word"):
         train_sentencepiece(sample, tmp_path / "tok", VOCAB, model_type="wordpiece")
 
 
@@ -194,6 +196,157 @@ def test_identifiers_follow_the_model_file(
 def test_missing_model(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=re.escape("nope.model")):
         SentencePieceTokenizer(tmp_path / "nope.model")
+
+
+# --- closed vocabularies: SCAN, the word model and the soft vocabulary limit -------------------
+
+SCAN_EXAMPLE = "IN: walk twice OUT: I_WALK I_WALK"
+
+
+@pytest.fixture(scope="module")
+def scan_texts() -> list[str]:
+    """The train part of SCAN's length split: every one of its words, a few dozen in all."""
+    return [format_scan_line(c, a) for c, a in scan_split("length", "train")]
+
+
+@pytest.fixture(scope="module")
+def scan_words(scan_texts: list[str]) -> set[str]:
+    words = {w for t in scan_texts for w in t.split()}
+    assert {"IN:", "OUT:", "I_TURN_LEFT", "I_JUMP", "thrice", "opposite"} <= words
+    assert len(words) == 21  # 15 of the commands (with IN: and OUT:), 6 actions
+    return words
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(scan_texts: list[str], tmp_path_factory: pytest.TempPathFactory):
+    prefix = tmp_path_factory.mktemp("word") / "tok"
+    return SentencePieceTokenizer(train_sentencepiece(scan_texts, prefix, 2048, model_type="word"))
+
+
+def test_word_model_gives_one_id_per_scan_word(
+    word_tokenizer: SentencePieceTokenizer, scan_words: set[str], scan_texts: list[str]
+) -> None:
+    tok = word_tokenizer
+    ids = tok.tokenize(SCAN_EXAMPLE)
+    assert len(ids) == 6
+    assert ids[-1] == ids[-2] == tok.token_to_id("\u2581I_WALK")
+    assert tok.detokenize(ids) == SCAN_EXAMPLE
+    for word in scan_words:
+        assert len(tok.tokenize(word)) == 1, word
+        assert len(tok.tokenize(f"IN: {word}")) == 2, word
+    # Every word a piece, and nothing else learned: 4 fixed ids, 3 pair tokens and their word
+    # forms, 256 bytes, then the words.
+    assert tok.vocab_size == 4 + 2 * len(PAIR_SPECIAL_TOKENS) + 256 + len(scan_words)
+    assert [tok.token_to_id(t) for t in PAIR_SPECIAL_TOKENS] == [4, 6, 8]
+    assert (tok.pad, tok.unk, tok.bos, tok.eod) == (0, 1, 2, 3)
+    held_out = [format_scan_line(c, a) for c, a in scan_split("length", "test")[:500]]
+    for text in scan_texts[:500] + held_out:
+        ids = tok.tokenize(text)
+        assert len(ids) == len(text.split())
+        assert tok.detokenize(ids) == text
+
+
+def test_word_model_round_trips_unseen_words(word_tokenizer: SentencePieceTokenizer) -> None:
+    # An unseen word falls back to bytes that hold sentencepiece's space mark; decoding must
+    # give back the spaces, at the start of a text as elsewhere.
+    tok = word_tokenizer
+    for text in ["IN: fly twice", "fly twice", " fly", "walk  fly ", "Ωλ\nwalk", "a\tb"]:
+        ids = tok.tokenize(text)
+        assert tok.unk not in ids
+        assert tok.detokenize(ids) == text
+        assert tok.detokenize([tok.eod, *ids]) == text  # control ids vanish
+    assert tok.detokenize([*tok.tokenize("walk fly"), tok.eod, *tok.tokenize("fly")]) == (
+        "walk fly fly"  # as for known words, a later text keeps its leading space
+    )
+
+
+def test_word_model_with_symbols_keeps_every_word(
+    scan_texts: list[str], scan_words: set[str], tmp_path: Path
+) -> None:
+    # As the pipeline trains it for SCAN: the actions as symbols. Sentencepiece would lose the
+    # word before each symbol ("OUT:", always followed by an action) but for the extra space.
+    actions = sorted(w for w in scan_words if w.startswith("I_"))
+    assert len(actions) == 6
+    model = train_sentencepiece(scan_texts, tmp_path / "tok", 2048, "word", extra_symbols=actions)
+    tok = SentencePieceTokenizer(model)
+    for word in scan_words:
+        assert len(tok.tokenize(word)) == 1, word
+    ids = tok.tokenize(SCAN_EXAMPLE)
+    assert len(ids) == 6 and tok.detokenize(ids) == SCAN_EXAMPLE
+    assert tok.token_to_id("I_WALK") == 10 + 2 * actions.index("I_WALK")  # after the pair tokens
+    # symbols and pair tokens, each with its word form; then the 15 other words
+    assert tok.vocab_size == 4 + 2 * (3 + 6) + 256 + 15
+
+
+def test_word_model_keeps_words_with_rare_letters(scan_texts: list[str], tmp_path: Path) -> None:
+    # "z" and "q" make up far less than sentencepiece's default 0.05% of uncovered characters; a
+    # word holding one must still be a piece.
+    texts = [*scan_texts[:2000], "IN: jump quizzically OUT: I_JUMP"]
+    tok = SentencePieceTokenizer(train_sentencepiece(texts, tmp_path / "tok", 2048, "word"))
+    assert len(tok.tokenize("quizzically")) == 1
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "word"])
+def test_vocab_size_is_a_soft_limit(
+    model_type: str, scan_texts: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SCAN alone has far fewer distinct pieces than 2,048: sentencepiece's own limit would fail
+    # ("Vocabulary size too high"); the model gets the largest vocabulary the text supports.
+    with caplog.at_level("WARNING", logger="sci_scale.data.tokenizer"):
+        model = train_sentencepiece(scan_texts, tmp_path / "tok", 2048, model_type=model_type)
+    tok = SentencePieceTokenizer(model)
+    assert 263 < tok.vocab_size < 2048
+    assert tok.detokenize(tok.tokenize(SCAN_EXAMPLE)) == SCAN_EXAMPLE
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and f"{tok.vocab_size} {model_type}" in lines[0] and "2048" in lines[0]
+    # ... and that vocabulary is the whole one: asking for exactly its size gives the same pieces.
+    exact = train_sentencepiece(scan_texts, tmp_path / "exact", tok.vocab_size, model_type)
+    assert SentencePieceTokenizer(exact).vocab == tok.vocab
+
+
+def test_a_vocab_that_fits_is_exact_and_unlogged(
+    sample: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="sci_scale.data.tokenizer"):
+        model = train_sentencepiece(sample, tmp_path / "tok", VOCAB, model_type="unigram")
+    assert SentencePieceTokenizer(model).vocab_size == VOCAB
+    assert not [r for r in caplog.records if r.name == "sci_scale.data.tokenizer"]
+
+
+@pytest.mark.parametrize(("model_type", "per_symbol"), [("bpe", 1), ("word", 2)])
+def test_reserved_ids_per_model_type(
+    model_type: str, per_symbol: int, scan_texts: list[str], tmp_path: Path
+) -> None:
+    # A word model gives each user-defined symbol a second piece (the symbol as a word).
+    reserved = 4 + per_symbol * len(PAIR_SPECIAL_TOKENS) + 256
+    texts = scan_texts[:200]
+    with pytest.raises(TokenizerError, match=f"{reserved} ids are reserved"):
+        train_sentencepiece(texts, tmp_path / "tok", reserved, model_type=model_type)
+    if model_type == "word":
+        tok = SentencePieceTokenizer(
+            train_sentencepiece(texts, tmp_path / "tok", reserved + 1, model_type="word")
+        )
+        assert tok.vocab_size == reserved + 1  # one learned word, the most frequent
+    with pytest.raises(TokenizerError, match=f"{reserved + per_symbol} ids are reserved"):
+        train_sentencepiece(
+            texts, tmp_path / "tok", reserved + per_symbol, model_type, extra_symbols=["X"]
+        )
+
+
+def test_extra_symbols_are_single_pieces(scan_texts: list[str], tmp_path: Path) -> None:
+    texts = scan_texts[:2000]
+    plain = SentencePieceTokenizer(train_sentencepiece(texts, tmp_path / "plain", 2048))
+    assert len(plain.tokenize("I_TURN_LEFT")) > 1  # bpe alone splits it
+    symbols = ["I_TURN_LEFT", "I_TURN_RIGHT", "I_TURN_LEFT"]  # repeats are kept once
+    model = train_sentencepiece(texts, tmp_path / "sym", 2048, extra_symbols=symbols)
+    tok = SentencePieceTokenizer(model)
+    assert tok.token_to_id("I_TURN_LEFT") == 4 + len(PAIR_SPECIAL_TOKENS)
+    assert tok.token_to_id("I_TURN_RIGHT") == 5 + len(PAIR_SPECIAL_TOKENS)
+    ids = tok.tokenize("OUT: I_TURN_LEFT I_TURN_RIGHT I_TURN_LEFT")
+    assert ids.count(tok.token_to_id("I_TURN_LEFT")) == 2
+    assert tok.token_to_id("I_TURN_RIGHT") in ids
+    with pytest.raises(TokenizerError, match="whitespace"):
+        train_sentencepiece(texts, tmp_path / "bad", 2048, extra_symbols=["I_TURN LEFT"])
 
 
 # --- indexed datasets -------------------------------------------------------------------------

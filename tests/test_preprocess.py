@@ -224,7 +224,8 @@ def blend_config(root: Path, spm: Path, seed: int, cache: Path):
 def test_blend_of_two_corpora_and_pairs_is_realised_and_deterministic(
     two_corpora: Path, spm: Path, tmp_path: Path
 ) -> None:
-    from sci_scale.data.pipeline import build_data, realised_blend
+    from sci_scale.data.inspect import realised_blend
+    from sci_scale.data.pipeline import build_data
 
     prefixes = [str(two_corpora / "a"), str(two_corpora / "b")]
     cfg = blend_config(two_corpora, spm, 1234, tmp_path / "cache")

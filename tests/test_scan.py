@@ -130,10 +130,23 @@ def test_template_split_rules():
     assert "walk around right" in right_train and "walk right" not in right_train
 
 
-def test_simple_split_is_seeded():
+def test_simple_split_is_the_published_draw_whatever_the_seed():
+    """Membership is the published file's (a few commands of tasks_test_simple.txt, read from
+    github.com/brendenlake/SCAN); the seed only orders the train part."""
     a = scan_split("simple", "train", seed=0)
     assert a == scan_split("simple", "train", seed=0)
-    assert {c for c, _ in a} != {c for c, _ in scan_split("simple", "train", seed=1)}
+    assert a != scan_split("simple", "train", seed=1)
+    assert {c for c, _ in a} == {c for c, _ in scan_split("simple", "train", seed=1)}
+    test = {c for c, _ in scan_split("simple", "test", seed=5)}
+    published_test = [
+        "turn opposite right thrice and turn opposite left",
+        "run right twice after walk right twice",
+    ]
+    assert all(c in test for c in published_test)
+    published_train = ["jump opposite right twice and turn opposite right thrice",
+                       "run opposite left after walk right"]  # fmt: skip
+    assert not any(c in test for c in published_train)
+    assert scan_split("simple", "test", seed=0) == scan_split("simple", "test", seed=9)
 
 
 @pytest.mark.parametrize("seed", [0, 3])

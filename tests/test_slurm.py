@@ -158,6 +158,7 @@ def test_task_template_runs_any_command_as_a_job(cluster: LocalSlurm, runs: Path
         "sbatch", "--parsable", f"--output={out}", "--cpus-per-task=1",
         f"--export=ALL,SCI_SCALE={sys.executable} -m sci_scale",
         str(REPO / "slurm" / "task.sbatch"), "pairs", "scan", "--split", "length", "--part", "test",
+        "--format", "txt",
     ).stdout.strip()  # fmt: skip
     state = cluster.wait_for_job(job_id, JOB_TIMEOUT_S)
     text = out.read_text()

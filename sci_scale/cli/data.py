@@ -17,11 +17,33 @@ def add_pairs(sub: argparse._SubParsersAction) -> None:
     pairs = sub.add_parser("pairs", help="structural pair data")
     pairs_sub = pairs.add_subparsers(dest="pairs_command", required=True)
     scan = pairs_sub.add_parser(
-        "scan", help="print a SCAN split as 'IN: <command> OUT: <actions>' lines"
+        "scan",
+        help="print a SCAN split as JSONL ({'text': 'IN: <command> OUT: <actions>', ...}) or as "
+        "SCAN's own text lines",
     )
-    scan.add_argument("--split", required=True, choices=[*SCAN_SPLITS, "all"])
+    # Checked by scan_split, which also takes combined splits (a+b) and names the valid ones.
+    scan.add_argument(
+        "--split",
+        required=True,
+        metavar="SPLIT",
+        help=f"{', '.join(SCAN_SPLITS)}, several joined by '+' (e.g. length+template_around_right)"
+        ", or all (the 20,910 commands)",
+    )
     scan.add_argument("--part", choices=["train", "test"], default="train")
-    scan.add_argument("--seed", type=int, default=0, help="seed of the simple split and order")
+    scan.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="order of a train part (test parts and split membership are the published ones)",
+    )
+    scan.add_argument(
+        "--format",
+        choices=["jsonl", "txt"],
+        default="jsonl",
+        help="jsonl (default): one object a line with text, input, output, template and split, "
+        "read by preprocess, tokenizer train (key text) and data.user_pairs_path; txt: the "
+        "published 'IN: ... OUT: ...' lines",
+    )
     scan.set_defaults(handler=cmd_pairs_scan)
 
 
@@ -46,10 +68,33 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
     )
     tok_train.add_argument("--text-key", default="text")
     tok_train.add_argument("--out", required=True, help="output prefix; writes PREFIX.model")
-    tok_train.add_argument("--vocab-size", type=int, default=2048)
-    tok_train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    tok_train.add_argument(
+        "--vocab-size",
+        type=int,
+        default=2048,
+        help="at most this many pieces: a text with fewer trains a smaller vocabulary (logged)",
+    )
+    tok_train.add_argument(
+        "--model-type",
+        choices=["bpe", "unigram", "word"],
+        default="bpe",
+        help="word: one piece per space-separated word, for closed vocabularies (SCAN, COGS)",
+    )
+    tok_train.add_argument(
+        "--symbols",
+        type=_symbols,
+        default=[],
+        metavar="A,B,C",
+        help="comma-separated user-defined symbols, each kept as one piece (e.g. I_TURN_LEFT)",
+    )
     tok_train.add_argument("--seed", type=int, default=0)
     tok_train.set_defaults(handler=cmd_tokenizer_train)
+
+
+def _symbols(text: str) -> list[str]:
+    """``--symbols A,B,C``: the symbols in order, blanks around commas ignored (the tokenizer
+    refuses a symbol holding whitespace, as one error line)."""
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def add_preprocess(sub: argparse._SubParsersAction) -> None:
@@ -91,15 +136,33 @@ def add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_pairs_scan(args: argparse.Namespace) -> int:
-    from sci_scale.data.pairs import enumerate_commands, format_scan_line, interpret, scan_split
+    import json
 
-    out = sys.stdout
+    from sci_scale.data.pairs import (
+        enumerate_commands,
+        format_scan_line,
+        interpret,
+        scan_split,
+        scan_template,
+    )
+
     if args.split == "all":
-        for command in enumerate_commands():
-            out.write(format_scan_line(command, interpret(command)) + "\n")
-    else:
-        for command, actions in scan_split(args.split, args.part, seed=args.seed):
-            out.write(format_scan_line(command, actions) + "\n")
+        pairs = [(command, interpret(command)) for command in enumerate_commands()]
+    else:  # an unknown split is a PairDataError (one line, exit 2) before anything is written
+        pairs = scan_split(args.split, args.part, seed=args.seed)
+    out = sys.stdout
+    for command, actions in pairs:
+        line = format_scan_line(command, actions)
+        if args.format == "jsonl":  # a user-pairs record too: text, template, split
+            record = {
+                "text": line,
+                "input": command,
+                "output": " ".join(actions),
+                "template": scan_template(command),
+                "split": args.part,
+            }
+            line = json.dumps(record)
+        out.write(line + "\n")
     return 0
 
 
@@ -108,7 +171,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
     from sci_scale.data.corpus import CorpusError, stdlib_docstrings
     from sci_scale.data.preprocess import BadRecords, iter_texts, resolve_inputs
-    from sci_scale.data.tokenizer import train_sentencepiece
+    from sci_scale.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
     if args.input:
         bad = BadRecords(skip=False)
@@ -125,12 +188,15 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         model_type=args.model_type,
         seed=args.seed,
         input_sentence_size=args.sample_sentences,
+        extra_symbols=args.symbols,
     )
+    size = SentencePieceTokenizer(model).vocab_size  # at most --vocab-size: a soft limit
     logging.getLogger("sci_scale").info(
-        "trained a %d-piece %s tokenizer (byte fallback, pad/unk/bos/eos and the pair tokens) "
+        "trained a %d-piece %s tokenizer (byte fallback, pad/unk/bos/eos, the pair tokens%s) "
         "on %d documents%s -> %s",
-        args.vocab_size,
+        size,
         args.model_type,
+        f" and {len(args.symbols)} symbol(s)" if args.symbols else "",
         len(texts),
         f" (a seeded sample of {args.sample_sentences} sentences)" if args.sample_sentences else "",
         model,

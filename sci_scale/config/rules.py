@@ -12,6 +12,7 @@ from __future__ import annotations
 from sci_scale.config.errors import ConfigError
 from sci_scale.config.schema import Config
 from sci_scale.config.split import split_weights
+from sci_scale.config.task import check_task
 
 
 def _require(cond: bool, message: str) -> None:
@@ -242,6 +243,7 @@ def _data(cfg: Config) -> None:
         d.corpus not in ("jsonl", "indexed") or bool(d.corpus_paths),
         f"data.corpus is {d.corpus!r} but data.corpus_paths is empty",
     )
+    check_task(cfg)
 
 
 def _phases(cfg: Config) -> None:

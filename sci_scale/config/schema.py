@@ -64,8 +64,8 @@ TransformerImpl = Annotated[Literal["auto", "local", "transformer_engine"], _Yam
 AttentionBackend = Annotated[Literal["auto", "flash", "fused", "unfused", "local"], _YamlChoice]
 Fp8 = Annotated[Literal["delayed", "current"], _YamlChoice]
 Recompute = Annotated[Literal["none", "selective", "full"], _YamlChoice]
-Corpus = Annotated[Literal["stdlib_docstrings", "jsonl", "indexed"], _YamlChoice]
-TokenizerModelType = Annotated[Literal["bpe", "unigram"], _YamlChoice]
+Corpus = Annotated[Literal["stdlib_docstrings", "jsonl", "indexed", "task"], _YamlChoice]
+TokenizerModelType = Annotated[Literal["bpe", "unigram", "word"], _YamlChoice]
 WandbMode = Annotated[Literal["offline", "online", "disabled"], _YamlChoice]
 
 
@@ -167,8 +167,9 @@ class SciSection(_Section):
 class DataSection(_Section):
     """Corpus, tokenizer and the structural pairs mixed into ``pair_rate`` of the blocks."""
 
-    # stdlib_docstrings (built in), jsonl (files tokenized at start), or indexed (prefixes
-    # written by `sci-scale preprocess`, blended by corpus_weights; needs data.tokenizer).
+    # stdlib_docstrings (built in), jsonl (files tokenized at start), indexed (prefixes
+    # written by `sci-scale preprocess`, blended by corpus_weights; needs data.tokenizer), or
+    # task (the training part of a benchmark, data.task, as prompt -> target examples).
     corpus: Corpus = "stdlib_docstrings"
     corpus_paths: list[str] = Field(default_factory=list)
     corpus_weights: list[Float] = Field(default_factory=list)  # empty: equal weights
@@ -188,6 +189,15 @@ class DataSection(_Section):
     cogs_path: str | None = None
     user_pairs_path: str | None = None
     examples_per_template: int = 2
+    # data.corpus=task: "scan:<split>" (a published split, or several joined by '+') or "cogs"
+    # (data.cogs_path's train.tsv, scored on its gen.tsv); task_dev_examples commands of the
+    # training part are held out as the dev set that selects checkpoints.
+    task: str | None = None
+    task_dev_examples: int = 500
+    # LM loss on the target tokens only (after "OUT:") of task and pair examples
+    target_loss_only: bool = False
+    # each document of a packed block attends only to itself (megatron's reset_attention_mask)
+    reset_attention_mask: bool = False
 
 
 class TrainSection(_Section):
@@ -289,6 +299,11 @@ class ExperimentSection(_Section):
     # than one pass over it; the default corpus's test share is 13 blocks of 256 tokens)
     ppl_blocks: int = 64
     probe_templates: int = 128  # held-out templates (2 examples each) of the structural probe
+    # `experiment generalization`: dev examples decoded per checkpoint to select one (None: all)
+    dev_limit: int | None = None
+    # test examples scored per run (None: the whole published test part, the default; a limit
+    # scores the first N of its fixed order and the report says so)
+    test_limit: int | None = None
 
 
 class SlurmSection(_Section):

@@ -34,6 +34,9 @@ class TokenizedExample:
     tokens: np.ndarray  # int32, ends with the end-of-document token
     template_id: int  # stable 63-bit id of the template key
     source: str
+    # tokens before the target (the "IN: ... OUT:" prompt); with data.target_loss_only the
+    # LM loss is on the target and the end token only
+    prompt_length: int = 0
 
 
 def template_id(template: str) -> int:
@@ -58,6 +61,7 @@ class PairBlockDataset(Dataset):
         seed: int,
         examples_per_template: int = 2,
         name: str = "pairs",
+        target_loss_only: bool = False,
     ) -> None:
         by_template: dict[int, list[int]] = defaultdict(list)
         source_of: dict[int, str] = {}
@@ -80,6 +84,7 @@ class PairBlockDataset(Dataset):
         self.num_samples = num_samples
         self.seed = seed
         self.k = examples_per_template
+        self.target_loss_only = target_loss_only
         self.by_template = {t: np.asarray(v) for t, v in by_template.items()}
         self.sources = sorted(templates_by_source)
         self.templates_by_source = {s: np.asarray(v) for s, v in templates_by_source.items()}
@@ -96,6 +101,7 @@ class PairBlockDataset(Dataset):
                 ("num_samples", num_samples),
                 ("seed", seed),
                 ("examples_per_template", examples_per_template),
+                ("target_loss_only", target_loss_only),
             ]
         )
 
@@ -112,6 +118,7 @@ class PairBlockDataset(Dataset):
         pieces: list[np.ndarray] = []
         owners: list[np.ndarray] = []
         templates: list[int] = []
+        prompts: list[int] = []
         used = 0
         failures = 0
         while failures < 8 and len(templates) + self.k <= MAX_EXAMPLES:
@@ -128,9 +135,13 @@ class PairBlockDataset(Dataset):
                 tokens = self.examples[i].tokens
                 owners.append(np.full(len(tokens), len(templates), dtype=np.int64))
                 pieces.append(tokens)
+                prompts.append(self.examples[i].prompt_length)
                 templates.append(tid)
             used += length
-        return pack_block(pieces, owners, templates, self.seq_length, self.pad_id)
+        return pack_block(
+            pieces, owners, templates, self.seq_length, self.pad_id,
+            prompts if self.target_loss_only else None,
+        )  # fmt: skip
 
 
 def pack_block(
@@ -139,35 +150,57 @@ def pack_block(
     templates: list[int],
     seq_length: int,
     pad_id: int,
+    prompt_lengths: list[int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Lay out examples as one block; padding has example id -1 and no loss."""
+    """Lay out examples as one block; padding has example id -1 and no loss. With
+    ``prompt_lengths`` (one per piece), a label is trained on only where it is a piece's target
+    or end token: the prompt's tokens are given, never predicted."""
     buffer = np.full(seq_length + 1, pad_id, dtype=np.int64)
     owner = np.full(seq_length + 1, -1, dtype=np.int64)
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     buffer[: len(flat)] = flat
     if owners:
         owner[: len(flat)] = np.concatenate(owners)
+    trained = owner >= 0
+    if prompt_lengths is not None:
+        start = 0
+        for piece, prompt in zip(pieces, prompt_lengths, strict=True):
+            trained[start : start + prompt] = False
+            start += len(piece)
     template_ids = np.full(MAX_EXAMPLES, -1, dtype=np.int64)
     template_ids[: len(templates)] = templates
     return {
         "tokens": buffer[:-1],
         "labels": buffer[1:],
-        "loss_mask": (owner[1:] >= 0).astype(np.float32),
+        "loss_mask": trained[1:].astype(np.float32),
         "position_ids": np.arange(seq_length, dtype=np.int64),
         "example_ids": owner[:-1],
         "template_ids": template_ids,
     }
 
 
+def document_ids(tokens: np.ndarray, eod: int) -> np.ndarray:
+    """Which document each token of a packed corpus block belongs to: the end-of-document
+    token closes its document (megatron's ``reset_attention_mask`` boundary)."""
+    ends = (np.asarray(tokens) == eod).astype(np.int64)
+    return np.concatenate([[0], np.cumsum(ends)[:-1]])
+
+
 class BlockStream(Dataset):
     """One stream of blocks (a corpus or the pairs) in the common block format.
+
+    With ``document_eod`` (``data.reset_attention_mask``), each document of a corpus block is
+    an example of its own, so attention stays within it.
 
     megatron's ``BlendedDataset`` requires every blended dataset to be of one type; corpus
     (megatron ``GPTDataset``) and pair blocks differ, so both are wrapped in this class.
     """
 
-    def __init__(self, inner: Any, index_split: Any, kind: str) -> None:
+    def __init__(
+        self, inner: Any, index_split: Any, kind: str, document_eod: int | None = None
+    ) -> None:
         self.inner = inner
+        self.document_eod = document_eod  # set: corpus documents get their own example ids
         self.index_split = index_split
         self.kind = kind
         self.unique_identifiers: OrderedDict[str, Any] = OrderedDict(
@@ -192,6 +225,10 @@ class BlockStream(Dataset):
             "labels": np.asarray(sample["labels"], dtype=np.int64),
             "loss_mask": np.asarray(sample["loss_mask"], dtype=np.float32),
             "position_ids": np.asarray(sample["position_ids"], dtype=np.int64),
-            "example_ids": np.zeros(seq, dtype=np.int64),
+            "example_ids": (
+                np.zeros(seq, dtype=np.int64)
+                if self.document_eod is None
+                else document_ids(sample["tokens"], self.document_eod)
+            ),
             "template_ids": np.full(MAX_EXAMPLES, -1, dtype=np.int64),
         }

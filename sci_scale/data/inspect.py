@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sci_scale.data.indexed import open_indexed_dataset, read_dataset_meta
 from sci_scale.data.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from sci_scale.data.pipeline import DataBundle
 
 
 def _histogram(lengths: np.ndarray, width: int = 40) -> list[str]:
@@ -49,7 +53,7 @@ def describe_dataset(prefix: str, tokenizer: str | None = None, sample_chars: in
 
 def describe_blend(config: str, blocks: int) -> str:
     from sci_scale.config import load_config
-    from sci_scale.data.pipeline import build_data, realised_blend
+    from sci_scale.data.build import build_data
 
     cfg = load_config(config)
     bundle = build_data(cfg, Path(cfg.run.dir))
@@ -77,3 +81,30 @@ def inspect_dataset(
     if config is not None:
         parts.append(describe_blend(config, blocks))
     return "\n\n".join(parts)
+
+
+def realised_blend(bundle: DataBundle, prefixes: list[str], blocks: int) -> dict[str, float]:
+    """Fractions of the first ``blocks`` training blocks drawn from each corpus and the pairs.
+
+    Read from megatron's blend indices: the top level chooses corpus or pairs per block, and,
+    with several corpora, the corpus blend chooses among them per corpus block."""
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+
+    train = bundle.train
+    n = min(blocks, len(train))
+    if isinstance(train, BlendedDataset):
+        source = np.asarray(train.dataset_index[:n])
+        corpus_sample = np.asarray(train.dataset_sample_index[:n])[source == 0]
+        corpus_stream = train.datasets[0]
+        fractions = {"pairs": float(np.mean(source == 1))}
+    else:
+        corpus_sample, corpus_stream = np.arange(n), train
+        fractions = {"pairs": 0.0}
+    inner = corpus_stream.inner
+    if isinstance(inner, BlendedDataset):
+        which = np.asarray(inner.dataset_index)[corpus_sample]
+        for i, prefix in enumerate(prefixes):
+            fractions[prefix] = float(np.sum(which == i)) / n
+    else:
+        fractions[prefixes[0]] = len(corpus_sample) / n
+    return fractions

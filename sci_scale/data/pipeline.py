@@ -208,13 +208,28 @@ def check_preprocessed(prefixes: list[str], tokenizer: Any) -> list[Path]:
 
 
 def tokenize_examples(
-    examples: list[Example], tokenizer: SentencePieceTokenizer
+    examples: list[Example], tokenizer: SentencePieceTokenizer, split_prompt: bool = False
 ) -> list[TokenizedExample]:
+    """Token ids + end token per example. ``split_prompt``: the prompt (``IN: x OUT:``) and
+    the target are tokenized apart, as greedy decoding sees them (the prompt, then what the
+    model generates), and the prompt's length is recorded for a target-only loss."""
     out = []
     for ex in examples:
-        ids = [*tokenizer.tokenize(ex.text), tokenizer.eod]
+        prompt_length = 0
+        if split_prompt:
+            prompt, _, target = ex.text.partition(" OUT: ")
+            head = tokenizer.tokenize(f"{prompt} OUT:")
+            ids = [*head, *tokenizer.tokenize(target), tokenizer.eod]
+            prompt_length = len(head)
+        else:
+            ids = [*tokenizer.tokenize(ex.text), tokenizer.eod]
         out.append(
-            TokenizedExample(np.asarray(ids, dtype=np.int64), template_id(ex.template), ex.source)
+            TokenizedExample(
+                np.asarray(ids, dtype=np.int64),
+                template_id(ex.template),
+                ex.source,
+                prompt_length,
+            )
         )
     return out
 
@@ -256,7 +271,7 @@ def _gpt_config(
         path_to_cache=str(cache / "index") if dist.is_initialized() or len(prefixes) == 1 else None,
         tokenizer=tokenizer,
         reset_position_ids=False,
-        reset_attention_mask=False,
+        reset_attention_mask=cfg.data.reset_attention_mask,
         eod_mask_loss=False,
         create_attention_mask=False,
     )
@@ -281,7 +296,7 @@ def heldout_corpus(cfg: Config, cache: Path, tokenizer: Any) -> GPTDataset:
 
 def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     """Everything the trainer reads, built once and cached."""
-    d, seed, seq = cfg.data, cfg.train.seed, cfg.model.seq_length
+    d = cfg.data
     cache = Path(d.cache_dir) if d.cache_dir else run_dir / "data"
     cache.mkdir(parents=True, exist_ok=True)
     train_pairs, heldout_pairs = pair_examples(cfg) if d.pair_sources else ([], [])
@@ -293,20 +308,42 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         tokenizer = _tokenizer(cfg, cache, texts, train_pairs)
         prefixes, weights = corpus_prefixes(cfg, cache, tokenizer, texts)
 
-    n_train = num_train_samples(cfg)
     n_valid = num_eval_samples(cfg)
-    r = d.pair_rate
     check_shares(cfg, prefixes)
-    corpus_needed = math.ceil(n_train * (1 - r) * 1.01) + 1
+    corpus_needed = math.ceil(num_train_samples(cfg) * (1 - d.pair_rate) * 1.01) + 1
     gpt_config = _gpt_config(cfg, cache, prefixes, weights, tokenizer)
     train_gpt, valid_gpt, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [corpus_needed, n_valid, 0], lambda: True, gpt_config
     ).build()
-    train_corpus = BlockStream(train_gpt, Split.train, "corpus")
-    valid_corpus = BlockStream(valid_gpt, Split.valid, "corpus")
+    eod = tokenizer.eod if d.reset_attention_mask else None
+    train_corpus = BlockStream(train_gpt, Split.train, "corpus", eod)
+    valid_corpus = BlockStream(valid_gpt, Split.valid, "corpus", eod)
 
-    train_examples = tokenize_examples(train_pairs, tokenizer)
-    heldout_examples = tokenize_examples(heldout_pairs, tokenizer)
+    # megatron's BlendedDataset asks torch.distributed for the rank when it caches its index:
+    # rank 0 builds and writes it, every other rank only reads it, so rank 0 must go first (as
+    # megatron's own builder does). A standalone call (no process group) builds it in memory.
+    blend_config = gpt_config if dist.is_initialized() else replace(gpt_config, path_to_cache=None)
+    return mix_pairs(
+        cfg, cache, tokenizer, (train_corpus, valid_corpus), (train_pairs, heldout_pairs),
+        blend_config,
+    )  # fmt: skip
+
+
+def mix_pairs(
+    cfg: Config,
+    cache: Path,
+    tokenizer: Any,
+    streams: tuple[BlockStream, BlockStream],
+    pairs: tuple[list[Example], list[Example]],
+    blend_config: Any,
+) -> DataBundle:
+    """The training stream with pair blocks blended in at ``data.pair_rate`` (megatron's
+    ``BlendedDataset``), and held-out pair blocks for the SCI metrics."""
+    d, seed, seq = cfg.data, cfg.train.seed, cfg.model.seq_length
+    (train_stream, valid_stream), (train_pairs, heldout_pairs) = streams, pairs
+    n_train, n_valid, r = num_train_samples(cfg), num_eval_samples(cfg), d.pair_rate
+    train_examples = tokenize_examples(train_pairs, tokenizer, d.target_loss_only)
+    heldout_examples = tokenize_examples(heldout_pairs, tokenizer, d.target_loss_only)
     heldout = None
     if heldout_examples:
         try:
@@ -318,6 +355,7 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
                 seed + 1,
                 d.examples_per_template,
                 name="heldout pairs",
+                target_loss_only=d.target_loss_only,
             )
         except ValueError as exc:
             log.warning("no held-out pair blocks: %s", exc)
@@ -325,7 +363,7 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     if r == 0 or not train_examples:
         if r > 0:
             log.warning("data.pair_rate=%s but no training pairs were generated", r)
-        return DataBundle(tokenizer, train_corpus, valid_corpus, heldout, 0.0, cache)
+        return DataBundle(tokenizer, train_stream, valid_stream, heldout, 0.0, cache)
 
     pairs_needed = math.ceil(n_train * r * 1.01) + 1
     pair_ds = PairBlockDataset(
@@ -336,15 +374,12 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         seed,
         d.examples_per_template,
         name="train pairs",
+        target_loss_only=d.target_loss_only,
     )
-    # megatron's BlendedDataset asks torch.distributed for the rank when it caches its index:
-    # rank 0 builds and writes it, every other rank only reads it, so rank 0 must go first (as
-    # megatron's own builder does). A standalone call (no process group) builds it in memory.
-    blend_config = gpt_config if dist.is_initialized() else replace(gpt_config, path_to_cache=None)
 
     def blend() -> BlendedDataset:
         return BlendedDataset(
-            [train_corpus, BlockStream(pair_ds, Split.train, "pairs")],
+            [train_stream, BlockStream(pair_ds, Split.train, "pairs")],
             [1.0 - r, r],
             n_train,
             blend_config,
@@ -362,29 +397,4 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         realised,
         r,
     )
-    return DataBundle(tokenizer, train, valid_corpus, heldout, realised, cache)
-
-
-def realised_blend(bundle: DataBundle, prefixes: list[str], blocks: int) -> dict[str, float]:
-    """Fractions of the first ``blocks`` training blocks drawn from each corpus and the pairs.
-
-    Read from megatron's blend indices: the top level chooses corpus or pairs per block, and,
-    with several corpora, the corpus blend chooses among them per corpus block."""
-    train = bundle.train
-    n = min(blocks, len(train))
-    if isinstance(train, BlendedDataset):
-        source = np.asarray(train.dataset_index[:n])
-        corpus_sample = np.asarray(train.dataset_sample_index[:n])[source == 0]
-        corpus_stream = train.datasets[0]
-        fractions = {"pairs": float(np.mean(source == 1))}
-    else:
-        corpus_sample, corpus_stream = np.arange(n), train
-        fractions = {"pairs": 0.0}
-    inner = corpus_stream.inner
-    if isinstance(inner, BlendedDataset):
-        which = np.asarray(inner.dataset_index)[corpus_sample]
-        for i, prefix in enumerate(prefixes):
-            fractions[prefix] = float(np.sum(which == i)) / n
-    else:
-        fractions[prefixes[0]] = len(corpus_sample) / n
-    return fractions
+    return DataBundle(tokenizer, train, valid_stream, heldout, realised, cache)

@@ -13,6 +13,18 @@ Training choices follow what makes a pretraining tokenizer lossless and reproduc
 Fixed ids: pad 0, unk 1, bos 2, eos 3 (eos is the end-of-document token megatron calls ``eod``),
 then ``PAIR_SPECIAL_TOKENS`` from 4 in order, then the 256 byte pieces, then learned pieces.
 
+``model_type="word"`` is sentencepiece's word model, for closed vocabularies (SCAN, COGS): every
+space-separated word of the training text becomes one piece (``I_TURN_LEFT`` is one id), most
+frequent first while the vocabulary has room; numbers are words too (``split_digits`` does not
+apply) and no character is left out for rarity (``character_coverage=1.0``). Sentencepiece gives
+each user-defined symbol a second piece, the symbol as a word (``"\u2581<sep>"``), right after
+it: the pair tokens are then 4, 6, 8. A word never seen in training falls back to byte pieces
+(or ``<unk>`` without byte fallback); :meth:`SentencePieceTokenizer.detokenize` restores the
+spaces that sentencepiece leaves as ``"\u2581"`` in such bytes, so text still round-trips.
+
+The vocabulary size is a soft limit: a text with fewer distinct pieces than ``vocab_size`` (SCAN
+alone has a few dozen words) gives the largest vocabulary it supports, with a log line saying so.
+
 ``load_tokenizer`` opens whichever kind a path names: such a model, or a Hugging Face backbone's
 own tokenizer (``hf_tokenizer``), so callers never need to know which a run used.
 """
@@ -20,7 +32,9 @@ own tokenizer (``hf_tokenizer``), so callers never need to know which a run used
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -40,10 +54,16 @@ from sci_scale.data.tokenizer_base import (
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 # Structural pair blocks: "<in>" input "<sep>" output "<out>"-style markers that must never be
-# split into pieces or collide with text, hence user-defined symbols with fixed ids 4, 5, 6.
+# split into pieces or collide with text, hence user-defined symbols with fixed ids 4, 5, 6
+# (4, 6, 8 in a word model, which follows each with the symbol as a word).
 PAIR_SPECIAL_TOKENS: tuple[str, ...] = ("<sep>", "<in>", "<out>")
 
-MODEL_TYPES = ("bpe", "unigram")
+MODEL_TYPES = ("bpe", "unigram", "word")
+
+# Sentencepiece's mark for a space inside pieces (U+2581).
+_SPACE = "\u2581"
+
+log = logging.getLogger(__name__)
 
 # Sentencepiece silently drops training sentences longer than max_sentence_length bytes; long
 # documents are cut at line breaks into chunks of at most this size instead of being lost.
@@ -72,9 +92,20 @@ def _chunks(text: str, limit: int) -> Iterator[str]:
         yield "".join(chunk)
 
 
-def _training_sentences(texts: Iterable[str]) -> Iterator[str]:
-    """The texts as sentencepiece sentences: non-empty, and short enough to be used."""
+def _training_sentences(texts: Iterable[str], spaced: Sequence[str] = ()) -> Iterator[str]:
+    """The texts as sentencepiece sentences: non-empty, and short enough to be used.
+
+    A space before a symbol of ``spaced`` is doubled. A word model also registers
+    ``"\u2581" + symbol`` (the symbol as a word), and training replaces it with a boundary mark
+    glued to the word before it, which is then lost: ``OUT: I_WALK`` with the symbol ``I_WALK``
+    would leave no piece for ``OUT:``. With a second space the mark takes that space, and each
+    word is counted as in the text; symbols need no count, their pieces are reserved.
+    """
+    alternatives = "|".join(map(re.escape, sorted(spaced, key=len, reverse=True)))
+    before_symbol = re.compile(f" (?={alternatives})") if spaced else None
     for text in texts:
+        if before_symbol is not None:
+            text = before_symbol.sub("  ", text)
         for chunk in _chunks(text, _MAX_SENTENCE_BYTES):
             if chunk.strip():
                 yield chunk
@@ -95,30 +126,43 @@ def train_sentencepiece(
     ``input_sentence_size`` > 0 trains on a seeded random sample of that many sentences (for
     corpora too large to hold in memory); 0 uses every sentence. ``extra_symbols`` become
     single pieces (e.g. SCAN's action names, which otherwise split into several pieces each).
+    ``vocab_size`` is an upper bound: a text with fewer distinct pieces gives a smaller
+    vocabulary (logged); read the real size from the model (``SentencePieceTokenizer``).
     Returns the .model path.
     """
     if model_type not in MODEL_TYPES:
         raise TokenizerError(
             f"model_type must be one of {', '.join(MODEL_TYPES)}; got {model_type!r}"
         )
-    symbols = list(PAIR_SPECIAL_TOKENS) + [s for s in extra_symbols if s not in PAIR_SPECIAL_TOKENS]
-    reserved = 4 + len(symbols) + (256 if byte_fallback else 0)
+    symbols = list(dict.fromkeys([*PAIR_SPECIAL_TOKENS, *extra_symbols]))
+    bad = [s for s in symbols if not s or _SPACE in s or any(c.isspace() for c in s)]
+    if bad:  # sentencepiece would keep such a symbol, but text never matches it
+        raise TokenizerError(f"symbols must be non-empty and hold no whitespace: got {bad!r}")
+    word = model_type == "word"
+    # A word model adds each symbol twice: itself and, right after it, the symbol as a word.
+    reserved = 4 + len(symbols) * (2 if word else 1) + (256 if byte_fallback else 0)
     if vocab_size <= reserved:
         raise TokenizerError(
             f"vocab_size={vocab_size} leaves no learned pieces: {reserved} ids are reserved "
-            "for pad/unk/bos/eos, the pair tokens and the byte pieces"
+            f"for pad/unk/bos/eos, the pair tokens{', extra symbols' if extra_symbols else ''}"
+            f"{' and the byte pieces' if byte_fallback else ''}"
+            f"{' (a word model reserves two per symbol)' if word else ''}"
         )
     target = Path(f"{model_prefix}.model")
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_sentences(texts),
+            sentence_iterator=_training_sentences(texts, symbols if word else ()),
             model_writer=model,
             model_type=model_type,
             vocab_size=vocab_size,
+            # A soft limit: fewer pieces when the text has no more (sentencepiece then records
+            # the real size in the model); too few for the required characters is still an error.
+            hard_vocab_limit=False,
             byte_fallback=byte_fallback,
-            split_digits=True,
+            split_digits=not word,  # a word model keeps whole words, numbers included
+            **({"character_coverage": 1.0} if word else {}),  # no word dropped for a rare letter
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,
@@ -138,6 +182,21 @@ def train_sentencepiece(
         raise TokenizerError(
             f"sentencepiece could not train a {vocab_size}-piece vocab: {reason}"
         ) from None
+    size = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+    if not reserved < size <= vocab_size:  # never write a model that breaks the id layout
+        raise TokenizerError(
+            f"sentencepiece trained {size} pieces for vocab_size={vocab_size}, {reserved} of them "
+            "reserved: the text gives no learned pieces"
+            if size <= reserved
+            else f"sentencepiece trained {size} pieces, more than vocab_size={vocab_size}"
+        )
+    if size < vocab_size:
+        log.warning(
+            "tokenizer: trained %d %s pieces, not the %d asked: the text supports no more",
+            size,
+            model_type,
+            vocab_size,
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
@@ -149,6 +208,19 @@ def train_sentencepiece(
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def _model_kind(path: Path) -> tuple[str, bool]:
+    """The model type of a sentencepiece model ("bpe", "unigram", "word", "char") and whether it
+    adds a dummy prefix; ("unknown", True) where protobuf cannot read it."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(path.read_bytes())
+    except Exception:  # protobuf missing or incompatible: no word-model decoding fix then
+        return "unknown", True
+    name = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+    return name.lower(), proto.normalizer_spec.add_dummy_prefix
 
 
 def tokenizer_identity(path: str | Path) -> dict[str, str]:
@@ -171,6 +243,7 @@ class SentencePieceTokenizer(TokenizerBase):
         super().__init__(str(path), {"library": "sentencepiece"})
         self.model_path = path
         self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        self._model_type, self._dummy_prefix = _model_kind(path)
         for name, value in (("eos", self._sp.eos_id()), ("pad", self._sp.pad_id())):
             if value < 0:
                 raise ValueError(
@@ -189,7 +262,17 @@ class SentencePieceTokenizer(TokenizerBase):
 
     def detokenize(self, ids: Sequence[int] | Any) -> str:
         """Ids (a list, numpy array or tensor) to text; control ids (pad, bos, eos) vanish."""
-        return self._sp.decode(id_list(ids))
+        ids = id_list(ids)
+        text = self._sp.decode(ids)
+        if self._model_type == "word" and _SPACE in text:
+            # A word model byte-encodes an unknown word with its space mark, which sentencepiece
+            # decodes as U+2581 (other pieces turn it into a space, which text can't hold as
+            # U+2581 anyway); as for the first piece, a text's first space is the dummy prefix.
+            first = next((i for i in ids if not self._sp.is_control(i)), None)
+            if self._dummy_prefix and first is not None and self._sp.is_byte(first):
+                text = text.removeprefix(_SPACE)
+            text = text.replace(_SPACE, " ")
+        return text
 
     def token_to_id(self, piece: str) -> int:
         """The id of one piece, e.g. a pair token; KeyError when the model lacks it."""

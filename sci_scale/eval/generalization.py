@@ -2,9 +2,10 @@
 
 A model is asked ``IN: <input> OUT:`` (the format its structural pairs were trained in) and
 its greedy continuation up to the end-of-document token is compared with the gold output,
-token for token after whitespace splitting. The evaluators take any ``generate`` function
-(prompts -> completions), so a checkpoint, an imported backbone or a fake model in a test are
-scored by the same code.
+token for token after whitespace splitting. A continuation counts only if the model ended it
+with the end token: one cut off by the token budget is wrong even when its words equal the
+gold. The evaluators take any ``generate`` function (prompts -> completions), so a checkpoint,
+an imported backbone or a fake model in a test are scored by the same code.
 """
 
 from __future__ import annotations
@@ -18,7 +19,31 @@ import torch
 from sci_scale.data.pairs import PairDataError, scan_split
 from sci_scale.data.pairs.cogs import cogs_examples
 
-Generate = Callable[[list[str]], list[str]]
+#: New tokens per continuation without targets to size the budget from: SCAN's longest output
+#: is 48 actions, 3-5 BPE pieces each.
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A generated continuation and whether the model ended it with the end token (False: cut
+    off by the token budget, or stopped early because it could no longer match its target)."""
+
+    text: str
+    finished: bool
+
+
+#: prompts -> completions: plain strings (taken as finished, i.e. ended with the end token:
+#: a fake model in a test, a gold table) or :class:`Continuation` (a real decoder's).
+Generate = Callable[[list[str]], Sequence["str | Continuation"]]
+
+
+@dataclass
+class Decoded:
+    """One row's generated token ids (without the end token) and whether it ended with it."""
+
+    tokens: list[int]
+    finished: bool = False
 
 
 @dataclass
@@ -37,13 +62,18 @@ def prompt(source: str) -> str:
 
 
 def exact_match(generate: Generate, task: str, pairs: Sequence[tuple[str, str]]) -> EvalResult:
+    """Continuations equal to the gold output, word for word, and ended with the end token."""
     prompts = [prompt(source) for source, _ in pairs]
     if isinstance(generate, GreedyGenerator):  # it may stop a continuation that went wrong
-        outputs = generate(prompts, targets=[gold for _, gold in pairs])
-    else:
-        outputs = generate(prompts)
+        outputs = generate.generate(prompts, targets=[gold for _, gold in pairs])
+    else:  # plain strings are taken as finished (see Generate)
+        outputs = [
+            c if isinstance(c, Continuation) else Continuation(c, finished=True)
+            for c in generate(prompts)
+        ]
     correct = sum(
-        out.split() == gold.split() for out, (_, gold) in zip(outputs, pairs, strict=True)
+        out.finished and out.text.split() == gold.split()
+        for out, (_, gold) in zip(outputs, pairs, strict=True)
     )
     return EvalResult(task, len(pairs), correct)
 
@@ -51,9 +81,10 @@ def exact_match(generate: Generate, task: str, pairs: Sequence[tuple[str, str]])
 def scan_pairs(
     split: str, part: str = "test", limit: int | None = None, seed: int = 0
 ) -> list[tuple[str, str]]:
-    """``(command, actions)`` of a split part. ``seed`` must be the one the model's training
-    pairs were generated with (``train.seed``): it decides the ``simple`` split's membership
-    and every split's order (so which examples ``limit`` keeps)."""
+    """``(command, actions)`` of a split part. The test part is the published one in a fixed
+    order, whatever ``seed``: every split's membership is fixed (``simple``'s is the published
+    draw), so ``limit`` keeps the same test examples for any model. ``seed`` orders the train
+    part only; pass the model's ``train.seed`` to get its training pairs' order."""
     lines = scan_split(split, part, seed)  # type: ignore[arg-type]
     pairs = [(command, " ".join(actions)) for command, actions in lines]
     return pairs[:limit] if limit else pairs
@@ -95,58 +126,126 @@ def could_still_match(text: str, target_words: list[str]) -> bool:
     return expected.startswith(last) if not text[-1:].isspace() else last == expected
 
 
+class _FullRecompute:
+    """Decoding without a cache: each step runs the whole sequence (Transformer Engine models,
+    and the reference the KV cache is tested against)."""
+
+    def __init__(self, model: torch.nn.Module, vocab: int, ids: torch.Tensor) -> None:
+        self.model, self.vocab, self.ids = model, vocab, ids
+
+    def _last(self) -> torch.Tensor:
+        from sci_scale.checkpoint.load import sci_logits
+
+        return sci_logits(self.model, self.ids, self.vocab)[:, -1]
+
+    def first(self) -> torch.Tensor:
+        return self._last()
+
+    def advance(self, tokens: torch.Tensor, keep: list[int]) -> torch.Tensor:
+        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)[keep]
+        return self._last()
+
+
+class _Cached:
+    """Decoding on megatron's KV cache (``model.decoding``): the prompts once, then one token
+    per row and step."""
+
+    def __init__(self, model: torch.nn.Module, vocab: int, ids: torch.Tensor, budget: int) -> None:
+        from sci_scale.model.decoding import CachedDecoder
+
+        self.ids = ids
+        self.decoder = CachedDecoder(model, vocab, ids.size(0), ids.size(1) + budget)
+
+    def first(self) -> torch.Tensor:
+        return self.decoder.prefill(self.ids)
+
+    def advance(self, tokens: torch.Tensor, keep: list[int]) -> torch.Tensor:
+        # rows that left the batch leave the cache too: later steps cost only what still runs
+        self.decoder.keep(keep)
+        return self.decoder.step(tokens[keep])
+
+
 class GreedyGenerator:
     """Greedy decoding with a sci-scale model in one process.
 
     Prompts are grouped by token length and decoded in lockstep, so no padding enters the
-    causal attention; each step runs the whole sequence (no KV cache: the evaluated models are
-    small and the outputs short).
+    causal attention. With ``kv_cache`` (the default) each step runs only the new tokens
+    against megatron's static KV cache (``model.decoding``; models it cannot serve, on
+    Transformer Engine, fall back to full recomputation); without it each step runs the whole
+    sequence. Both give the same tokens.
 
     Given ``targets`` (exact-match scoring), a continuation stops as soon as it can no longer
     equal its target (:func:`could_still_match`): it is wrong whatever comes next, and the
     score is the one full decoding gives, at a fraction of the steps for a model that errs
     early. Its returned text is then the wrong prefix so far.
+
+    ``max_new_tokens`` None: with targets, the longest target's tokens + 2 (room for the end
+    token; a longer continuation cannot match), else :data:`DEFAULT_MAX_NEW_TOKENS`.
     """
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer, vocab: int, max_new_tokens: int = 64,
-        batch_size: int = 64, progress: bool = False,
+        self, model: torch.nn.Module, tokenizer, vocab: int, max_new_tokens: int | None = None,
+        batch_size: int = 64, progress: bool = False, kv_cache: bool = True,
     ) -> None:  # fmt: skip
+        from sci_scale.model.decoding import kv_cache_supported
+
         self.model, self.tok, self.vocab = model, tokenizer, vocab
         self.max_new_tokens, self.batch_size, self.progress = max_new_tokens, batch_size, progress
+        self.kv_cache = kv_cache and kv_cache_supported(model)
+
+    def budget(self, targets: Sequence[str] | None) -> int:
+        """New tokens per continuation (see the class docstring)."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        if targets is None:
+            return DEFAULT_MAX_NEW_TOKENS
+        lengths = [len(ids) for ids in self.tok.tokenize_batch([" " + t for t in targets])]
+        return max(lengths, default=0) + 2
 
     def _decode_batch(
-        self, ids: torch.Tensor, targets: list[list[str]] | None = None
-    ) -> list[list[int]]:
-        from sci_scale.checkpoint.load import sci_logits
-
-        out: list[list[int]] = [[] for _ in range(len(ids))]
-        active = list(range(len(ids)))  # which output each row of ``ids`` extends
-        for _ in range(self.max_new_tokens):
-            nxt = sci_logits(self.model, ids, self.vocab)[:, -1].argmax(-1)
+        self, ids: torch.Tensor, targets: list[list[str]] | None = None, budget: int | None = None
+    ) -> list[Decoded]:
+        budget = self.budget(None) if budget is None else budget
+        out = [Decoded([]) for _ in range(len(ids))]
+        if budget <= 0:
+            return out
+        active = list(range(len(ids)))  # which output each row of the batch extends
+        steps = (
+            _Cached(self.model, self.vocab, ids, budget)
+            if self.kv_cache
+            else _FullRecompute(self.model, self.vocab, ids)
+        )
+        logits = steps.first()
+        for step in range(budget):
+            nxt = logits.argmax(-1)
             keep = []
             for row, i in enumerate(active):
                 token = int(nxt[row])
                 if token == self.tok.eod:
+                    out[i].finished = True
                     continue
-                out[i].append(token)
-                if targets is None or could_still_match(self.tok.detokenize(out[i]), targets[i]):
+                out[i].tokens.append(token)
+                if targets is None or could_still_match(
+                    self.tok.detokenize(out[i].tokens), targets[i]
+                ):
                     keep.append(row)
-            if not keep:
+            if not keep or step == budget - 1:
                 break
             # finished rows leave the batch, so the later steps cost only what still runs
-            ids = torch.cat([ids, nxt[:, None]], dim=1)[keep]
+            logits = steps.advance(nxt, keep)
             active = [active[row] for row in keep]
         return out
 
-    def __call__(self, prompts: list[str], targets: list[str] | None = None) -> list[str]:
+    def generate(self, prompts: list[str], targets: list[str] | None = None) -> list[Continuation]:
+        """Each prompt's greedy continuation, and whether it ended with the end token."""
         from tqdm.auto import tqdm
 
+        budget = self.budget(targets)
         encoded = self.tok.tokenize_batch(list(prompts))
         by_length: dict[int, list[int]] = {}
         for i, ids in enumerate(encoded):
             by_length.setdefault(len(ids), []).append(i)
-        results: list[str] = [""] * len(prompts)
+        results = [Continuation("", False)] * len(prompts)
         batches = [
             idx[k : k + self.batch_size]
             for idx in by_length.values()
@@ -155,6 +254,11 @@ class GreedyGenerator:
         for batch in tqdm(batches, disable=not self.progress, unit=" batch"):
             ids = torch.tensor([encoded[i] for i in batch], dtype=torch.long)
             words = None if targets is None else [targets[i].split() for i in batch]
-            for i, generated in zip(batch, self._decode_batch(ids, words), strict=True):
-                results[i] = self.tok.detokenize(generated)
+            for i, done in zip(batch, self._decode_batch(ids, words, budget), strict=True):
+                results[i] = Continuation(self.tok.detokenize(done.tokens), done.finished)
         return results
+
+    def __call__(self, prompts: list[str], targets: list[str] | None = None) -> list[str]:
+        """The continuations' text (a :data:`Generate`); :meth:`generate` also says which
+        ended with the end token."""
+        return [c.text for c in self.generate(prompts, targets)]

@@ -143,7 +143,14 @@ class SDPAttention(DotProductAttention):
             if attention_mask is None:
                 if mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
                     raise ValueError(f"attention mask type {mask_type} needs an attention_mask")
-                context = self._sdpa(q, k, v, None, mask_type == AttnMaskType.causal)
+                sq, sk = q.size(2), k.size(2)
+                if mask_type == AttnMaskType.causal and sq != sk:
+                    # queries are the last sq of sk positions (a KV cache): causal aligned at
+                    # the bottom right, where SDPA's is_causal aligns at the top left
+                    keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+                    context = self._sdpa(q, k, v, keep, False)
+                else:
+                    context = self._sdpa(q, k, v, None, mask_type == AttnMaskType.causal)
             else:
                 context = self._sdpa(q, k, v, ~attention_mask, False)
             context = context.permute(2, 0, 1, 3)  # [b, heads, s, d] -> [s, b, heads, d]

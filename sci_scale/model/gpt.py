@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from megatron.core.enums import ModelType
+from megatron.core.inference.contexts.static_context import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -24,6 +25,8 @@ from torch import Tensor
 
 from sci_scale.config.errors import ConfigError
 from sci_scale.config.schema import Config
+from sci_scale.model.attention import ExampleLayout, example_layout
+from sci_scale.model.decoding import branch_context
 from sci_scale.model.init import check_constant_vectors, initialize_layout_independent
 from sci_scale.model.sci_branch import SCI_ATTRIBUTE, SCIBranch, SCIContribution, SCIStats
 from sci_scale.model.shapes import llama_ffn_size, padded_vocab_size
@@ -209,6 +212,12 @@ class SCIGPTModel(MegatronModule):
         post_process: bool,
         vp_stage: int | None,
     ) -> None:
+        if cfg.data.reset_attention_mask and impl.use_te:
+            raise ConfigError(
+                "data.reset_attention_mask=true needs model.transformer_impl=local: the "
+                "backbone's per-document attention runs on sci-scale's SDPA attention, not on "
+                "Transformer Engine's"
+            )
         spec = layer_spec(impl, AttnMaskType.causal)
         self.gpt = GPTModel(
             config=config,
@@ -270,6 +279,14 @@ class SCIGPTModel(MegatronModule):
         return args, kwargs
 
     # -- forward -------------------------------------------------------------------------
+    def _document_layout(self, example_ids: Tensor | None) -> ExampleLayout | None:
+        """``data.reset_attention_mask``: each document (example) of a packed block attends
+        to itself only, through the same unpacked per-example attention as the SCI branch
+        (memory linear in the sequence; None when every row is one document)."""
+        if not self.cfg.data.reset_attention_mask or example_ids is None:
+            return None
+        return example_layout(example_ids)
+
     def forward(
         self,
         input_ids: Tensor,
@@ -280,9 +297,13 @@ class SCIGPTModel(MegatronModule):
         template_ids: Tensor | None = None,
         scl_weight: float = 0.0,
         collect_sci_embeddings: bool = False,
+        inference_context: StaticInferenceContext | None = None,
     ) -> ModelOutput:
         """One micro-batch; ``scl_weight`` multiplies the SCL's gradient (the trainer passes
         ``alpha / num_microbatches``), ``collect_sci_embeddings`` returns the branch's z.
+        ``inference_context``: megatron's static KV cache (a ``model.decoding.DecodeContext``,
+        which holds the SCI branch's own); ``input_ids`` are then the tokens after the cached
+        ones, and the logits are gathered over tensor-parallel ranks.
 
         Inputs are moved to the model's device (a no-op for the trainer's batches, which are
         there already); the forward runs under autocast at ``model.compute_dtype``."""
@@ -302,7 +323,11 @@ class SCIGPTModel(MegatronModule):
                     if example_ids is None:
                         example_ids = torch.zeros_like(input_ids)
                     contribution = self.sci.contribute(
-                        decoder_input, example_ids, template_ids, collect_sci_embeddings
+                        decoder_input,
+                        example_ids,
+                        template_ids,
+                        collect_sci_embeddings,
+                        inference_context=branch_context(inference_context),
                     )
                     sci_stats = contribution.stats
                     self._pending = (contribution, scl_weight)
@@ -312,10 +337,13 @@ class SCIGPTModel(MegatronModule):
                 lm = self.gpt(
                     input_ids,
                     position_ids,
-                    attention_mask=None,
+                    attention_mask=self._document_layout(example_ids),
                     decoder_input=decoder_input,
                     labels=labels,
                     loss_mask=loss_mask,
+                    inference_context=inference_context,
+                    # megatron's inference path requires gathered logits
+                    runtime_gather_output=True if inference_context is not None else None,
                 )
             finally:
                 self._pending = None

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.inference.contexts.static_context import StaticInferenceContext
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
@@ -191,8 +192,10 @@ class SCIBranch(MegatronModule):
         example_ids: Tensor,
         template_ids: Tensor | None,
         collect_embeddings: bool = False,
+        inference_context: StaticInferenceContext | None = None,
     ) -> SCIContribution:
-        """The fusion and SCL of one micro-batch from the backbone's embedding output [s, b, h].
+        """The fusion and SCL of one micro-batch from the backbone's embedding output [s, b, h]
+        (with ``inference_context``, the branch's own KV cache: the tokens after the cached ones).
 
         With data parallelism the SCL contrasts every rank's examples (``losses.gather``); every
         rank then runs the branch whenever any rank has an example, since the gather's backward
@@ -202,7 +205,7 @@ class SCIBranch(MegatronModule):
         n_max = local_count if dp_group is None else max_example_count(local_count, dp_group)
         if not self.sci.fuse and n_max == 0:
             return SCIContribution()  # nothing to fuse and nothing to contrast: skip the branch
-        states = self.encode(self._whole_sequence(embeddings), example_ids)
+        states = self.encode(self._whole_sequence(embeddings), example_ids, inference_context)
         fusion = self._sequence_shard(self.fusion(states)) if self.sci.fuse else None
         if n_max == 0:
             return SCIContribution(fusion=fusion)
@@ -264,10 +267,24 @@ class SCIBranch(MegatronModule):
                 value.key = model_prefix + key[len(prefix) :]
         return state
 
-    def encode(self, embeddings: Tensor, example_ids: Tensor) -> Tensor:
+    def encode(
+        self,
+        embeddings: Tensor,
+        example_ids: Tensor,
+        inference_context: StaticInferenceContext | None = None,
+    ) -> Tensor:
         """SCI states [s, b, h_sci] from the shared embeddings [s, b, h]; a token attends to
-        the earlier tokens of its own example only."""
+        the earlier tokens of its own example only. With ``inference_context`` (incremental
+        decoding, one example per row) the earlier tokens' keys and values come from its cache,
+        and megatron slices the rotary table, built for the cache's whole length, at its offset."""
         x = self.proj_in(embeddings)
+        if inference_context is not None:
+            return self.encoder(
+                hidden_states=x,
+                attention_mask=None,
+                rotary_pos_emb=self.rotary(inference_context.max_sequence_length),
+                inference_context=inference_context,
+            )
         rotary = self.rotary(x.size(0))
         layout = example_layout(example_ids)
         if layout is not None and self.use_te:

@@ -26,7 +26,8 @@ from megatron.core import parallel_state
 
 from sci_scale.config import Config, ConfigError, config_to_dict
 from sci_scale.config.layout import data_parallel_size
-from sci_scale.data.pipeline import DataBundle, build_data
+from sci_scale.data.build import build_data
+from sci_scale.data.pipeline import DataBundle
 from sci_scale.losses.scl import alpha_at
 from sci_scale.model.gpt import ModelChunks, SCIGPTModel, model_vocab_size
 from sci_scale.model.specs import resolve_implementation

@@ -20,7 +20,7 @@ Splits follow the published rules, and their sizes equal the published line coun
 =========================== ======= ======= ===============================================
 split                        train   test    rule
 =========================== ======= ======= ===============================================
-simple                       16,728  4,182  seeded random 80/20 of all commands
+simple                       16,728  4,182  the published random 80/20 draw (scan_simple)
 length                       16,990  3,920  test: action sequences longer than 22 actions
 addprim_jump                 14,670  7,706  train: commands without "jump" + bare "jump" (*)
 addprim_turn_left            21,890  1,208  train: commands without "turn left" + bare "turn left"
@@ -41,8 +41,10 @@ around right", "turn opposite right", "turn right") are dropped from both parts,
 published files; a command holding both a held-out phrase and the dropped one is dropped too.
 Phrases are matched on whole words (so "walk right" does not match "walk around right").
 
-Membership of every split except ``simple`` is fixed by its rule; ``seed`` decides the
-membership of ``simple`` and the (shuffled, like the published files) order of every split.
+Membership of every split is the published one: fixed by its rule, and for ``simple`` (a random
+draw) read from the published file's membership (:mod:`.scan_simple`). ``seed`` only orders a
+train part (shuffled, like the published files); a test part's order never depends on it, so
+scoring is the same whatever seed a model was trained with.
 
 A *combined* split ``a+b`` trains one model for several evaluations without leaking any of
 them: its train part holds the lines of ``a``'s train part whose command is also in the train
@@ -58,6 +60,7 @@ import random
 from typing import Literal
 
 from sci_scale.data.pairs.base import Example, PairDataError
+from sci_scale.data.pairs.scan_simple import in_simple_test
 
 PRIMITIVES: tuple[str, ...] = ("walk", "look", "run", "jump")
 DIRECTIONS: tuple[str, ...] = ("left", "right")
@@ -88,8 +91,6 @@ SCAN_SPLITS: tuple[str, ...] = (
 NUM_COMMANDS = 20910
 #: Length split: train holds action sequences of at most this many actions (no command has 23).
 LENGTH_SPLIT_MAX_TRAIN_ACTIONS = 22
-#: Simple split: share of the commands in the train part.
-SIMPLE_TRAIN_FRACTION = 0.8
 
 # Add-primitive splits: the primitive, and the repeats rule (it is 1/10 of the train lines).
 _ADDPRIM: dict[str, str] = {"addprim_jump": "jump", "addprim_turn_left": "turn left"}
@@ -265,12 +266,15 @@ def scan_split(
         return _combined_split(split.split("+"), part, seed)
     table = _table()
     order = list(_commands())
-    rng = random.Random(f"scan:{split}:{seed}")
-    rng.shuffle(order)
+    # The test part's order is fixed (a limit always scores the same commands, whatever the
+    # training seed); the train part's order follows the seed.
+    rng = random.Random(f"scan:{split}:{seed if part == 'train' else 'test'}")
     if split == "simple":
-        n_train = round(SIMPLE_TRAIN_FRACTION * len(order))
-        chosen = order[:n_train] if part == "train" else order[n_train:]
+        want_test = part == "test"
+        chosen = [c for i, c in enumerate(order) if in_simple_test(i) is want_test]
+        rng.shuffle(chosen)
     else:
+        rng.shuffle(order)
         want_test = part == "test"
         chosen = [c for c in order if _is_test(split, c, table[c]) is want_test]
         if split in _ADDPRIM and part == "train":
