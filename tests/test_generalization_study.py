@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import small_overrides
 
 from sci_scale.config import ConfigError, load_config
 from sci_scale.config.task import parse_task
@@ -15,35 +16,21 @@ from sci_scale.data.pairs.scan import scan_split
 from sci_scale.data.task import task_parts
 from tests.launchers import sci_scale_cli
 
-COGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cogs"
-if not COGS.is_dir():
-    COGS = Path(__file__).resolve().parents[1] / "../shared/data/cogs"
+COGS_DIR = Path(__file__).parent / "data" / "cogs"
 
 
 def task_overrides(tmp_path: Path, task: str = "scan:simple", *extra: str) -> list[str]:
+    """The shared small model, trained on a benchmark task."""
     return [
-        f"run.dir={tmp_path / 'run'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "model.num_layers=2",
+        *small_overrides(tmp_path / "run", tmp_path / "cache"),
         "model.hidden_size=32",
-        "model.num_attention_heads=4",
-        "model.num_query_groups=2",
-        "model.seq_length=128",
-        "sci.hidden_size=32",
-        "sci.num_layers=1",
-        "sci.embed_dim=16",
         "data.corpus=task",
         f"data.task={task}",
         "data.tokenizer_model_type=word",
         "data.target_loss_only=true",
         "data.reset_attention_mask=true",
-        "data.pair_rate=0.25",
-        "train.micro_batch_size=4",
-        "train.global_batch_size=8",
         "train.steps=40",
         "train.eval_interval=20",
-        "train.eval_batches=2",
-        "logging.wandb_mode=disabled",
         *extra,
     ]
 
@@ -90,6 +77,25 @@ def test_no_test_example_reaches_training_dev_or_tokenizer(tmp_path, task, monke
             trained.add(text.removeprefix("IN: ").partition(" OUT:")[0].strip())
     assert trained and trained <= train_sources
     assert bundle.pair_rate_realised > 0  # pair blocks were among them
+
+
+def test_cogs_task_parts_are_disjoint(tmp_path):
+    import shutil
+
+    shutil.copy(COGS_DIR / "train.tsv", tmp_path / "train.tsv")
+    shutil.copy(COGS_DIR / "dev.tsv", tmp_path / "test.tsv")
+    # a training line that is also a test line must not train
+    test_line = (tmp_path / "test.tsv").read_text().splitlines()[0]
+    with open(tmp_path / "train.tsv", "a") as handle:
+        handle.write(test_line + "\n")
+    parts = task_parts(parse_task("cogs:test"), 100, str(tmp_path))
+    test = {ex.source for ex in parts.test}
+    assert len(parts.test) == len((tmp_path / "test.tsv").read_text().splitlines())
+    assert not test & {ex.source for ex in parts.train} and not test & {
+        ex.source for ex in parts.dev
+    }
+    with pytest.raises(Exception, match=r"gen\.tsv"):
+        task_parts(parse_task("cogs"), 100, str(tmp_path))
 
 
 def test_dev_set_never_takes_the_repeated_primitive():
@@ -253,3 +259,46 @@ def test_submit_refuses_a_bad_time_before_queueing(tmp_path, recording_sbatch):
                         "--out", str(tmp_path / "s"), path_dir=bin_dir)  # fmt: skip
     assert run.returncode == 2 and "--time '4 hours'" in run.stderr
     assert not calls.exists()
+
+
+def test_statistics_of_a_cell_and_the_paired_test():
+    from sci_scale.experiment.stats import paired_test, sign_flip_p, summarise
+
+    s = summarise([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert s.n == 5 and abs(s.mean - 0.3) < 1e-12 and abs(s.std - 0.158113883) < 1e-6
+    assert 0.1 <= s.ci_low < s.mean < s.ci_high <= 0.5
+    one = summarise([0.7])
+    assert one.std == 0.0 and np.isnan(one.ci_low)
+    # every difference positive: the sign-flip test reaches its floor, 2 / 2^n
+    assert sign_flip_p([0.1, 0.2, 0.1, 0.3, 0.2]) == 2 / 32
+    assert sign_flip_p([0.1, -0.1]) == 1.0
+    t = paired_test(
+        {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.65, 5: 0.55}, {1: 0.1, 2: 0.2, 3: 0.15, 4: 0.1, 5: 0.2}
+    )
+    assert t is not None and t.n == 5 and t.significant and t.t_p < 1e-3
+    assert abs(t.mean_diff - 0.45) < 1e-9 and t.min_sign_flip_p == 2 / 32
+    same = paired_test({1: 0.5, 2: 0.4, 3: 0.6}, {1: 0.45, 2: 0.5, 3: 0.55})
+    assert same is not None and not same.significant
+    assert paired_test({1: 0.5}, {2: 0.5}) is None
+
+
+def test_a_failed_gate_reports_no_comparison(tmp_path):
+    from sci_scale.experiment.generalization_report import write_study_report
+    from sci_scale.experiment.study import VARIANTS, Study
+
+    cfg = load_config(None, [])
+    study = Study(cfg, tmp_path, "scan", ["simple", "length"],
+                  [VARIANTS["vanilla"], VARIANTS["sci_joint"]], [1])  # fmt: skip
+
+    def rec(split, variant, em):
+        return {"split": split, "variant": variant, "seed": 1, "exact_match": em,
+                "wall_s": 1.0, "dev_curve": [[10, em]]}  # fmt: skip
+
+    failed = [rec("simple", "vanilla", 0.4), rec("simple", "sci_joint", 0.0),
+              rec("length", "vanilla", 0.0), rec("length", "sci_joint", 0.0)]  # fmt: skip
+    text = write_study_report(study, failed).read_text()
+    assert "**FAILED**" in text and "40.0%" in text and "## Test exact match" not in text
+    passed = [rec("simple", "vanilla", 0.97), *failed[1:]]
+    text = write_study_report(study, passed).read_text()
+    assert "**passed**" in text and "## Test exact match" in text and "97.0%" in text
+    assert (tmp_path / "exact_match.png").is_file()

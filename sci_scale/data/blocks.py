@@ -45,6 +45,22 @@ def template_id(template: str) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def block_identity(
+    dataset: Dataset, name: str, examples: Sequence[TokenizedExample], **settings: Any
+) -> OrderedDict[str, Any]:
+    """What makes a block dataset's blocks what they are (megatron's ``unique_identifiers``,
+    which key its cached blend indices): the class, the examples' content, the settings."""
+    fingerprint = hashlib.sha256()
+    for ex in examples:
+        fingerprint.update(ex.tokens.tobytes())
+        fingerprint.update(ex.template_id.to_bytes(8, "little"))
+        fingerprint.update(ex.prompt_length.to_bytes(4, "little"))
+    return OrderedDict(
+        [("class", type(dataset).__name__), ("name", name),
+         ("examples", fingerprint.hexdigest()), *settings.items()]
+    )  # fmt: skip
+
+
 class PairBlockDataset(Dataset):
     """Pair blocks drawn from tokenized structural examples.
 
@@ -88,22 +104,10 @@ class PairBlockDataset(Dataset):
         self.by_template = {t: np.asarray(v) for t, v in by_template.items()}
         self.sources = sorted(templates_by_source)
         self.templates_by_source = {s: np.asarray(v) for s, v in templates_by_source.items()}
-        fingerprint = hashlib.sha256()
-        for ex in examples:
-            fingerprint.update(ex.tokens.tobytes())
-            fingerprint.update(ex.template_id.to_bytes(8, "little"))
-        self.unique_identifiers: OrderedDict[str, Any] = OrderedDict(
-            [
-                ("class", type(self).__name__),
-                ("name", name),
-                ("examples", fingerprint.hexdigest()),
-                ("seq_length", seq_length),
-                ("num_samples", num_samples),
-                ("seed", seed),
-                ("examples_per_template", examples_per_template),
-                ("target_loss_only", target_loss_only),
-            ]
-        )
+        self.unique_identifiers = block_identity(
+            self, name, examples, seq_length=seq_length, num_samples=num_samples, seed=seed,
+            examples_per_template=examples_per_template, target_loss_only=target_loss_only,
+        )  # fmt: skip
 
     @property
     def num_templates(self) -> int:

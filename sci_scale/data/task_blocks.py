@@ -12,15 +12,12 @@ is available by index on any rank (megatron's samplers read by index).
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from sci_scale.data.blocks import TokenizedExample, pack_block
+from sci_scale.data.blocks import TokenizedExample, block_identity, pack_block
 
 
 class TaskBlockDataset(Dataset):
@@ -48,21 +45,10 @@ class TaskBlockDataset(Dataset):
         self.examples, self.seq_length, self.pad_id = examples, seq_length, pad_id
         self.num_samples, self.target_loss_only = num_samples, target_loss_only
         self.order, self.starts = self._plan(lengths, budget, num_samples, seed)
-        fingerprint = hashlib.sha256()
-        for ex in examples:
-            fingerprint.update(ex.tokens.tobytes())
-            fingerprint.update(ex.prompt_length.to_bytes(4, "little"))
-        self.unique_identifiers: OrderedDict[str, Any] = OrderedDict(
-            [
-                ("class", type(self).__name__),
-                ("name", name),
-                ("examples", fingerprint.hexdigest()),
-                ("seq_length", seq_length),
-                ("num_samples", num_samples),
-                ("seed", seed),
-                ("target_loss_only", target_loss_only),
-            ]
-        )
+        self.unique_identifiers = block_identity(
+            self, name, examples, seq_length=seq_length, num_samples=num_samples, seed=seed,
+            target_loss_only=target_loss_only,
+        )  # fmt: skip
 
     @staticmethod
     def _plan(
