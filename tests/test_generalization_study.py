@@ -208,12 +208,12 @@ def test_study_writes_results_json_and_resumes(tmp_path):
                   "experiment.eval_batch_size=16"]  # fmt: skip
     out = tmp_path / "study"
     args = ["experiment", "generalization", "--splits", "simple", "--variants",
-            "vanilla,sci_joint,pairs_no_scl,sci_pretrain_joint", "--seeds", "2",
+            "vanilla,sci_joint,pairs_no_scl,sci_pretrain_joint", "--seeds", "1",
             "--out", str(out), *overrides]  # fmt: skip
     run = sci_scale_cli(*args)
     assert run.returncode == 0, run.stderr[-3000:]
     records = json.loads((out / "results.json").read_text())
-    assert len(records) == 8
+    assert len(records) == 4
     for r in records:
         assert {"variant", "split", "seed", "exact_match", "examples", "steps", "wall_s"} <= set(r)
         assert r["split"] == "simple" and r["examples"] == 12 and r["steps"] == 6
@@ -228,7 +228,7 @@ def test_study_writes_results_json_and_resumes(tmp_path):
     assert "Sanity gate: **FAILED**" in report  # 6 steps cannot learn SCAN
     again = sci_scale_cli(*args)
     assert again.returncode == 0
-    assert "done before" in again.stdout and "study run 1/8" in again.stdout
+    assert "done before" in again.stdout and "study run 1/4" in again.stdout
     assert "training steps" not in again.stdout  # nothing retrained
 
 
@@ -302,3 +302,29 @@ def test_a_failed_gate_reports_no_comparison(tmp_path):
     text = write_study_report(study, passed).read_text()
     assert "**passed**" in text and "## Test exact match" in text and "97.0%" in text
     assert (tmp_path / "exact_match.png").is_file()
+
+
+def test_selection_decodes_dev_only_and_keeps_the_latest_best(tmp_path, monkeypatch):
+    import sci_scale.experiment.selection as selection
+    from sci_scale.eval.generalization import EvalResult
+
+    cfg = load_config(None, task_overrides(tmp_path))
+    parts = config_task_parts(cfg)
+    dev, test = {ex.source for ex in parts.dev}, {ex.source for ex in parts.test}
+    for step in (10, 20, 30):
+        (tmp_path / "run" / "checkpoints" / f"step_{step:07d}").mkdir(parents=True)
+    decoded: list[tuple[str, list[str]]] = []
+    scores = {"step_0000010": 5, "step_0000020": 9, "step_0000030": 9}
+
+    def fake(ckpt, pairs, task, batch_size):
+        decoded.append((ckpt.name, [source for source, _ in pairs]))
+        return EvalResult(task, len(pairs), scores.get(ckpt.name, 0))
+
+    monkeypatch.setattr(selection, "exact_match_of", fake)
+    chosen = selection.select_on_dev(cfg, batch_size=8, limit=None)
+    assert chosen.step == 30 and [c[0] for c in chosen.curve] == [10, 20, 30]
+    assert all(set(sources) == dev for _, sources in decoded)  # dev, all of it, only it
+    decoded.clear()
+    selection.score_test(cfg, chosen.checkpoint, batch_size=8)
+    assert [name for name, _ in decoded] == ["step_0000030"]
+    assert set(decoded[0][1]) == test and not test & dev

@@ -57,7 +57,11 @@ def describe_blend(config: str, blocks: int) -> str:
 
     cfg = load_config(config)
     bundle = build_data(cfg, Path(cfg.run.dir))
-    prefixes = cfg.data.corpus_paths if cfg.data.corpus == "indexed" else ["corpus"]
+    d = cfg.data
+    if d.corpus == "indexed":
+        prefixes = d.corpus_paths
+    else:
+        prefixes = [f"task {d.task}" if d.corpus == "task" else "corpus"]
     weights = cfg.data.corpus_weights or [1.0] * len(prefixes)
     total = sum(weights)
     realised = realised_blend(bundle, prefixes, blocks)
