@@ -142,7 +142,7 @@ def plots(study: Study, records: list[Record], cells: dict) -> list[str]:
         means, errs = [], [[], []]
         for split in study.splits:
             s = summarise(list(cells.get((split, v.key), {}).values()))
-            mean = 0.0 if s.n == 0 else 100 * s.mean
+            mean = math.nan if s.n == 0 else 100 * s.mean  # not run: no bar, unlike 0%
             means.append(mean)
             low = mean if s.n < 2 else 100 * s.ci_low
             high = mean if s.n < 2 else 100 * s.ci_high
@@ -150,7 +150,8 @@ def plots(study: Study, records: list[Record], cells: dict) -> list[str]:
             errs[1].append(high - mean)
         xs = [k + i * width for k in range(len(study.splits))]
         ax.bar(xs, means, width, yerr=errs, capsize=3, label=v.label)
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(study.splits))], study.splits)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(study.splits))], study.splits,
+                  rotation=15, fontsize=8)  # fmt: skip
     ax.set_ylabel("test exact match (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7)
