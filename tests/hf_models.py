@@ -2,7 +2,8 @@
 
 One per supported family, each exercising what its conversions usually get wrong: grouped-query
 attention (Llama, Mistral), Llama-3 RoPE scaling, Q/K/V biases (Qwen2), tied embeddings and
-multi-query attention (SmolLM2-shaped). A small word-level tokenizer goes with each.
+multi-query attention (SmolLM2-shaped), per-head Q/K norms (Qwen3), and Llama-3.2's tied
+embeddings with RoPE scaling. A small word-level tokenizer goes with each.
 """
 
 from __future__ import annotations
@@ -46,6 +47,24 @@ ARCHS = {
     "mistral": ("MistralConfig", {"sliding_window": None, "rope_theta": 1e6}),
     "qwen2": ("Qwen2Config", {"rope_theta": 1e6}),
     "smollm2": ("LlamaConfig", {"tie_word_embeddings": True}),
+    # Qwen3: RMSNorm over each head's queries and keys, a head size that is not hidden / heads
+    "qwen3": ("Qwen3Config", {"rope_theta": 1e6, "head_dim": 32, "tie_word_embeddings": False}),
+    # Llama-3.2 (1B/3B): tied embeddings, Llama-3 RoPE scaling, explicit head size
+    "llama32": (
+        "LlamaConfig",
+        {
+            "tie_word_embeddings": True,
+            "head_dim": 16,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
 }
 
 

@@ -77,7 +77,7 @@ def test_export_round_trip_is_exact_and_loads_in_transformers(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     src = models[name]["hf"]
-    out = hf.sci_to_hf(models[name]["ckpt"], tmp_path / "export")
+    out = hf.sci_to_hf(models[name]["ckpt"], tmp_path / "export", dtype="keep")
     original, exported = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
     assert set(exported) == set(original)
     for key, tensor in original.items():
@@ -344,7 +344,8 @@ def test_cli_round_trip(tmp_path: Path) -> None:
         return proc
 
     run("hf-to-sci", "--hf", str(src), "--out", str(tmp_path / "ckpt"), "--tp", "2")
-    run("sci-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"))
+    run("sci-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"),
+        "--dtype", "keep")  # fmt: skip
     a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     state = load.checkpoint_config(tmp_path / "ckpt")[0]
@@ -368,7 +369,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> dict[
 def test_fused_sci_export_loads_with_remote_code_and_matches(
     trained: dict[str, Path], tmp_path: Path
 ) -> None:
-    out = hf.sci_to_hf(trained["fused"], tmp_path / "fused")
+    out = hf.sci_to_hf(trained["fused"], tmp_path / "fused", dtype="keep")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["SciScaleForCausalLM"]
     assert (out / "modeling_sci_scale.py").is_file()
@@ -384,7 +385,7 @@ def test_fused_sci_export_loads_with_remote_code_and_matches(
 def test_aux_only_sci_export_is_a_plain_model(trained: dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    out = hf.sci_to_hf(trained["aux_only"], tmp_path / "plain")
+    out = hf.sci_to_hf(trained["aux_only"], tmp_path / "plain", dtype="keep")
     assert not (out / "modeling_sci_scale.py").exists()
     assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
     diff = hf.verify(trained["aux_only"], out)

@@ -118,3 +118,14 @@ def sci_logits(model: SCIGPTModel, tokens: torch.Tensor, rows: int) -> torch.Ten
         logits = model(tokens, positions).lm
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
     return logits[..., :rows].float().cpu()
+
+
+def model_skeleton(cfg: Config, rows: int) -> dict:
+    """The sharded state dict of ``cfg``'s whole model (TP=PP=1) built on the meta device: the
+    checkpoint keys, shapes and offsets of every tensor, with no storage (call inside
+    ``single_process``). Built from megatron's local spec, whose checkpoint keys are the same
+    as Transformer Engine's, so it describes a checkpoint whichever wrote it."""
+    model = SCIGPTModel(
+        whole_model_config(cfg), vocab_size=rows, use_te=False, device=torch.device("meta")
+    )
+    return model.sharded_state_dict()

@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -292,17 +292,25 @@ def load_weights(path: Path, model: torch.nn.Module, allow_missing_sci: bool = F
     return state
 
 
-@deferred()
 def save_weights(path: Path, model: torch.nn.Module, run_state: RunState) -> Path:
     """A weights-only checkpoint at ``path`` (no optimizer or RNG state), written atomically:
-    what a conversion produces and ``checkpoint.init_from`` reads."""
+    what ``checkpoint.init_from`` reads."""
+    return write_weights(
+        path, run_state, lambda d: dist_checkpointing.save(model.sharded_state_dict(), str(d))
+    )
+
+
+@deferred()
+def write_weights(path: Path, run_state: RunState, write_model: Callable[[Path], None]) -> Path:
+    """A weights-only checkpoint at ``path`` whose ``model/`` directory ``write_model`` writes
+    (a model's save, or a conversion's streaming one), sealed atomically like every other."""
     tmp = path.with_name(f".tmp-{path.name}")
     if _rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "model").mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+    write_model(tmp / "model")
     _barrier()
     _seal(tmp, path, run_state)
     _barrier()

@@ -6,6 +6,7 @@ from sci_scale.config.loader import (
     config_from_dict,
     config_to_dict,
     load_config,
+    save_config,
     validate,
     validate_implementation,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "save_config",
     "validate",
     "validate_implementation",
 ]

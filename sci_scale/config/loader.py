@@ -147,6 +147,12 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return cfg.model_dump()
 
 
+def save_config(cfg: Config, path: Path) -> None:
+    """``cfg`` as a YAML file that ``load_config`` reads back into an equal config."""
+    with open(path, "w") as handle:
+        yaml.safe_dump(config_to_dict(cfg), handle, sort_keys=False)
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form key.sub=value")

@@ -128,6 +128,7 @@ class ModelSection(_Section):
     attention_backend: AttentionBackend = "auto"
     head_dim: int | None = None  # None: hidden_size / num_attention_heads
     qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
+    qk_layernorm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     # Llama-3 RoPE frequency scaling ("rope_type": "llama3"); None: plain RoPE.
     rope_scaling_factor: Float | None = None
     rope_low_freq_factor: Float = 1.0

@@ -1,16 +1,16 @@
-"""``sci-scale convert``: Hugging Face <-> sci-scale checkpoints, and a logits check between them.
+"""``sci-scale convert``: Hugging Face -> sci-scale checkpoints, and a logits check of the two.
 
-Import builds the sci-scale model once in one process, copies the weights in (``weights``),
-and saves a weights-only megatron distributed checkpoint. Such a checkpoint reshards to any
-tensor/pipeline layout when it is loaded, so ``--tp``/``--pp`` only check that the layout fits
-the model and record it as the layout to train with; they never change the tensors.
-Export loads a checkpoint whole (TP=1) and writes safetensors, ``config.json``,
-``generation_config.json`` and the tokenizer files.
+Import never holds the model: the checkpoint's structure comes from the sci-scale model built
+on the meta device, and each parameter is made from its HF tensors (read one by one from the
+safetensors files) when megatron's writer reaches it, written and dropped
+(``checkpoint.streaming``); peak memory is a few of the largest tensors, whatever the model's
+size. The checkpoint is a megatron distributed checkpoint, which reshards to any tensor/pipeline
+layout when it is loaded, so ``--tp``/``--pp`` check that the layout fits the model and record
+it as the layout to train with. Export is ``convert.export``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -18,43 +18,45 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from sci_scale.checkpoint.load import (
     checkpoint_config,
     inference_config,
-    load_whole_model,
+    model_skeleton,
     sci_logits,
     single_process,
-    tokenizer_source,
     vocab_rows,
-    whole_model_config,
 )
-from sci_scale.checkpoint.manager import load_weights, save_weights
+from sci_scale.checkpoint.manager import load_weights, write_weights
 from sci_scale.checkpoint.state import RunState
-from sci_scale.config import Config, config_from_dict, config_to_dict, validate
+from sci_scale.checkpoint.streaming import save_streaming
+from sci_scale.config import Config, config_from_dict, config_to_dict, save_config, validate
+from sci_scale.convert.export import ORIGINAL_HF_CONFIG, peak_rss_gb, sci_to_hf
 from sci_scale.convert.hf_config import (
     HF_CONFIG_FILE,
     UnsupportedModelError,
-    hf_config_from_model,
     model_section_from_hf,
     read_hf_config,
-    read_json,
 )
-from sci_scale.convert.hf_io import SAFETENSORS, read_hf_weights
-from sci_scale.convert.weights import hf_to_megatron, megatron_to_hf, sci_branch_to_hf
-from sci_scale.data.hf_tokenizer import TOKENIZER_FILES, HFTokenizer, is_hf_tokenizer_dir
-from sci_scale.data.tokenizer import load_tokenizer, tokenizer_identity
+from sci_scale.convert.hf_io import HFWeights
+from sci_scale.convert.weights import (
+    WeightMappingError,
+    check_hf_names,
+    megatron_tensor,
+    model_recipes,
+)
+from sci_scale.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
+from sci_scale.data.tokenizer import tokenizer_identity
 from sci_scale.model.gpt import SCIGPTModel, model_vocab_size
 from sci_scale.model.shapes import padded_vocab_size
 from sci_scale.runtime.distributed import destroy_distributed, init_distributed, seed_everything
 
-log = logging.getLogger(__name__)
+__all__ = ["hf_logits", "hf_to_sci", "import_config", "sci_to_hf", "verify"]
 
-ORIGINAL_HF_CONFIG = "hf_config.json"  # kept beside an imported checkpoint for the export
+log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# The transformers model class of exports whose SCI branch is fused (copied into the export).
-REMOTE_MODEL_FILE = Path(__file__).resolve().parent / "remote" / "modeling_sci_scale.py"
+CONTINUE_CONFIG = "continue.yaml"  # written beside an import: the config to train from it
 
 
 def import_config(
@@ -87,6 +89,33 @@ def import_config(
     return cfg
 
 
+def continue_config(cfg: Config, ckpt: Path) -> Config:
+    """The training config that continues pretraining from an imported checkpoint: its model
+    shape, its tokenizer, the recorded TP/PP layout, ``checkpoint.init_from`` set and the
+    SCI branch at the schema's defaults; a run adds its corpus and run directory."""
+    base = config_from_dict({})
+    return base.replace(
+        model=cfg.model,
+        parallel=base.parallel.replace(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline),
+        data=base.data.replace(tokenizer=cfg.data.tokenizer),
+        checkpoint=base.checkpoint.replace(init_from=str(ckpt.resolve())),
+    )
+
+
+def _check_tied(cfg: Config, weights: HFWeights) -> None:
+    """A tied model's file may carry ``lm_head.weight`` too; it must be the embedding."""
+    if "lm_head.weight" not in weights.names():
+        if not cfg.model.tie_embeddings:
+            raise WeightMappingError(f"{weights.hf_dir} has no tensor 'lm_head.weight'")
+        return
+    if cfg.model.tie_embeddings and not torch.equal(
+        weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
+    ):
+        raise WeightMappingError(
+            "tie_word_embeddings is true but lm_head.weight differs from embed_tokens.weight"
+        )
+
+
 def hf_to_sci(
     hf_dir: str | Path,
     out: str | Path,
@@ -95,157 +124,53 @@ def hf_to_sci(
     seq_length: int | None = None,
     dtype: str = "fp32",
 ) -> Path:
-    """Import an HF Llama/Mistral/Qwen2/SmolLM2 model as a sci-scale checkpoint at ``out``."""
+    """Import an HF Llama/Mistral/Qwen2/Qwen3/SmolLM2 model as a sci-scale checkpoint, one
+    tensor at a time."""
     hf_dir, out = Path(hf_dir), Path(out)
     t0 = time.perf_counter()
     cfg = import_config(hf_dir, tp, pp, seq_length, dtype)
-    # Kept in the file's dtype: load_state_dict casts while copying into the model, so the
-    # weights are never held twice at full precision.
-    weights = read_hf_weights(hf_dir)
+    weights = HFWeights(hf_dir)
     rows = cfg.model.vocab_size
     assert rows is not None
-    whole = whole_model_config(cfg)
+    padded = padded_vocab_size(rows, cfg.model.make_vocab_size_divisible_by, 1)
+    recipes = model_recipes(cfg.model, rows, padded)
+    check_hf_names(recipes, weights.names(), str(hf_dir))
+    _check_tied(cfg, weights)
+    identity = (
+        tokenizer_identity(Path(cfg.data.tokenizer) / "tokenizer.json")
+        if cfg.data.tokenizer
+        else {"path": "", "sha256": ""}
+    )
+    state = RunState(0, 0, 1, config_to_dict(cfg), identity)
     with single_process():
-        model = SCIGPTModel(whole, vocab_size=rows)
-        padded = padded_vocab_size(rows, whole.model.make_vocab_size_divisible_by, 1)
-        result = model.load_state_dict(hf_to_megatron(weights, cfg.model, padded), strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing or result.unexpected_keys:
-            raise UnsupportedModelError(
-                f"weights do not match the model: missing {missing[:5]}, unexpected "
-                f"{result.unexpected_keys[:5]}"
-            )
-        del weights
-        identity = (
-            tokenizer_identity(Path(cfg.data.tokenizer) / "tokenizer.json")
-            if cfg.data.tokenizer
-            else {"path": "", "sha256": ""}
+        skeleton = model_skeleton(cfg, rows)
+        tensors = [n for n, v in skeleton.items() if not isinstance(v, ShardedObject)]
+        unmapped = [n for n in tensors if n not in recipes]
+        if unmapped:  # a parameter of the sci-scale model that no HF tensor fills
+            raise WeightMappingError(f"no Hugging Face tensor maps to {', '.join(unmapped[:5])}")
+        parameters = sum(skeleton[n].data.numel() for n in tensors)
+
+        def produce(name: str) -> torch.Tensor:
+            return megatron_tensor(recipes[name], weights.get)
+
+        write_weights(
+            out,
+            state,
+            lambda d: save_streaming(skeleton, d, produce, DTYPES[cfg.model.params_dtype]),
         )
-        state = RunState(0, 0, 1, config_to_dict(cfg), identity)
-        save_weights(out, model, state)
     shutil.copyfile(hf_dir / HF_CONFIG_FILE, out / ORIGINAL_HF_CONFIG)
+    save_config(continue_config(cfg, out), out / CONTINUE_CONFIG)
     log.info(
-        "imported %s (%s, %d layers, %.1fM parameters) -> %s in %.1fs",
+        "imported %s (%s, %d layers, %.1fM parameters) -> %s in %.1fs, peak memory %.2f GB",
         hf_dir,
         read_hf_config(hf_dir)["architectures"][0],
         cfg.model.num_layers,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        parameters / 1e6,
         out,
         time.perf_counter() - t0,
+        peak_rss_gb(),
     )
     return out
-
-
-def sci_to_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
-    """Export a sci-scale checkpoint as a Hugging Face model directory."""
-    ckpt, out = Path(ckpt), Path(out)
-    t0 = time.perf_counter()
-    with single_process():
-        loaded = load_whole_model(ckpt)
-        cfg, rows = loaded.cfg, loaded.rows
-        state_dict = loaded.model.state_dict()
-        backbone = {k: v for k, v in state_dict.items() if k.startswith("gpt.")}
-        tensors = megatron_to_hf(backbone, cfg.model, rows)
-        fused = cfg.sci.mode != "off" and cfg.sci.fuse
-        if fused:  # the branch changes the logits: export it with the model class that runs it
-            if cfg.model.tie_embeddings:  # stored explicitly: the wrapper does not tie
-                tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-            tensors = {f"backbone.{k}": v for k, v in tensors.items()}
-            tensors.update(sci_branch_to_hf(state_dict, cfg.sci))
-        tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
-    template_path = ckpt / ORIGINAL_HF_CONFIG
-    template = read_json(template_path) if template_path.is_file() else None
-    hf_config = hf_config_from_model(cfg.model, rows, template, dtype)
-    if template is None:  # a model sci-scale trained: its sentencepiece tokenizer's ids
-        hf_config.update(_special_ids(tokenizer_source(cfg, loaded.state)))
-    remote_code: Path | None = None
-    if fused:
-        hf_config, remote_code = fused_hf_config(cfg, hf_config, dtype), REMOTE_MODEL_FILE
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(tensors, tmp / SAFETENSORS, metadata={"format": "pt"})
-    if remote_code is not None:
-        shutil.copyfile(remote_code, tmp / remote_code.name)
-    (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    generation = {
-        k: hf_config[k]
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-        if hf_config.get(k) is not None
-    }
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    _copy_tokenizer(tokenizer_source(cfg, loaded.state), tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    log.info("exported %s -> %s (%s) in %.1fs", ckpt, out, dtype, time.perf_counter() - t0)
-    return out
-
-
-def _special_ids(source: Path | None) -> dict[str, int]:
-    if source is None or not source.is_file():  # a sentencepiece model sci-scale trained
-        return {}
-    tok = load_tokenizer(source)
-    return {"bos_token_id": tok.bos, "eos_token_id": tok.eos, "pad_token_id": tok.pad}
-
-
-def fused_hf_config(cfg: Config, backbone: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """config.json of a model whose SCI branch is fused: the backbone's config nested, the
-    branch's shape, and the ``auto_map`` that points transformers at ``modeling_sci_scale``."""
-    s = cfg.sci
-    module = REMOTE_MODEL_FILE.stem
-    return {
-        "architectures": ["SciScaleForCausalLM"],
-        "model_type": "sci_scale",
-        "auto_map": {
-            "AutoConfig": f"{module}.SciScaleConfig",
-            "AutoModelForCausalLM": f"{module}.SciScaleForCausalLM",
-        },
-        "backbone": backbone,
-        "sci": {
-            "hidden_size": s.hidden_size,
-            "num_attention_heads": s.num_attention_heads,
-            "num_layers": s.num_layers,
-            "ffn_hidden_size": s.ffn_hidden_size or 4 * s.hidden_size,
-            "norm_epsilon": cfg.model.norm_epsilon,
-            "rope_theta": 10000.0,
-            "max_position_embeddings": cfg.model.seq_length,
-            "fuse_layer": s.fuse_layer,
-        },
-        "tie_word_embeddings": False,
-        "bos_token_id": backbone.get("bos_token_id"),
-        "eos_token_id": backbone.get("eos_token_id"),
-        "torch_dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype],
-    }
-
-
-def _copy_tokenizer(source: Path | None, out: Path) -> None:
-    if source is None or not source.exists():
-        log.warning("no tokenizer to export (source %s is gone)", source)
-        return
-    if source.is_dir():
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, out / name)
-        return
-    # A sentencepiece model trained by sci-scale: Llama's tokenizer class reads it.
-    shutil.copyfile(source, out / "tokenizer.model")
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "LlamaTokenizer",
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "pad_token": "<pad>",
-                "unk_token": "<unk>",
-                "add_bos_token": False,
-                "add_eos_token": False,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
 
 
 def hf_logits(hf_dir: Path, tokens: torch.Tensor, trust_remote_code: bool = False) -> torch.Tensor:

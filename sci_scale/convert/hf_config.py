@@ -20,6 +20,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 ROPE_TYPES = ("default", "llama3")
 HF_CONFIG_FILE = "config.json"
@@ -90,6 +91,8 @@ def model_section_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> 
     _refuse(act != "silu", "hidden_act", act, "the MLP is SwiGLU (silu)")
     for field in ("attention_bias", "mlp_bias"):
         _refuse(bool(hf.get(field)), field, hf.get(field), "only Q/K/V biases (Qwen2) are built")
+    if kind == "qwen3" and hf.get("use_sliding_window"):
+        _refuse(True, "use_sliding_window", True, "Qwen3's per-layer sliding windows")
     _refuse(
         hf.get("partial_rotary_factor", 1.0) != 1.0,
         "partial_rotary_factor",
@@ -131,6 +134,7 @@ def model_section_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> 
         if hf.get("head_dim", hidden // heads) != hidden // heads
         else None,
         "qkv_bias": kind == "qwen2",
+        "qk_layernorm": kind == "qwen3",
         "sliding_window": int(sliding) if sliding is not None else None,
         "hidden_dropout": 0.0,
         "attention_dropout": float(hf.get("attention_dropout", 0.0)),
@@ -152,7 +156,13 @@ def hf_config_from_model(
     from the model (so a round trip is exact), or a fresh Llama (Qwen2 with Q/K/V biases)."""
     hf = dict(template or {})
     if not hf:
-        arch = "Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"
+        arch = (
+            "Qwen3ForCausalLM"
+            if m.qk_layernorm
+            else "Qwen2ForCausalLM"
+            if m.qkv_bias
+            else "LlamaForCausalLM"
+        )
         hf = {
             "architectures": [arch],
             "model_type": ARCHITECTURES[arch],
@@ -170,10 +180,10 @@ def hf_config_from_model(
         rms_norm_eps=m.norm_epsilon,
         tie_word_embeddings=m.tie_embeddings,
         vocab_size=vocab,
-        torch_dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype],
     )
-    if m.head_dim is not None:
-        hf["head_dim"] = m.head_dim
+    hf["torch_dtype"] = dtype  # "bfloat16", "float32", "float16"; transformers 5 reads it too
+    if m.head_dim is not None or hf.get("model_type") == "qwen3":  # Qwen3's default is 128
+        hf["head_dim"] = m.head_dim or m.hidden_size // m.num_attention_heads
     if "rope_parameters" not in hf and "rope_scaling" not in hf:
         hf["rope_theta"] = m.rotary_base
         if m.rope_scaling_factor is not None:

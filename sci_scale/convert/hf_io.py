@@ -1,7 +1,10 @@
-"""Reading a Hugging Face model directory's weights, safely.
+"""Reading a Hugging Face model directory's weights one tensor at a time, safely.
 
-safetensors first (single file or sharded with an index); a legacy ``pytorch_model.bin`` only
-through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
+safetensors first (a single file, or shards with ``model.safetensors.index.json``): only the
+headers are read up front; each tensor is read when it is asked for, from a file opened for
+that read and closed after it, so neither the tensors nor the mapped pages of the files stay
+in memory. A legacy ``pytorch_model.bin`` is read only through
+``torch.load(weights_only=True, mmap=True)``, which refuses anything but tensors and plain
 containers. Nothing in the directory is ever executed.
 """
 
@@ -10,8 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from sci_scale.convert.hf_config import ModelFileError, UnsupportedModelError, read_json
 
@@ -21,42 +23,69 @@ BIN = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
-def _safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except SafetensorError as exc:
-        raise ModelFileError(
-            f"{path}: not a readable safetensors file ({exc}); {path.stat().st_size} bytes, "
-            "perhaps an interrupted download"
-        ) from None
-
-
-def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    if (hf_dir / SAFETENSORS).is_file():
-        return _safetensors(hf_dir / SAFETENSORS)
-    if (hf_dir / SAFETENSORS_INDEX).is_file():
-        return _sharded(hf_dir, SAFETENSORS_INDEX, _safetensors)
-    if (hf_dir / BIN).is_file():
-        return torch.load(hf_dir / BIN, map_location="cpu", weights_only=True)
-    if (hf_dir / BIN_INDEX).is_file():
-        return _sharded(
-            hf_dir, BIN_INDEX, lambda p: torch.load(p, map_location="cpu", weights_only=True)
-        )
-    raise UnsupportedModelError(
-        f"{hf_dir} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or "
-        f"{BIN_INDEX}"
+def _unreadable(path: Path, exc: Exception) -> ModelFileError:
+    return ModelFileError(
+        f"{path}: not a readable safetensors file ({exc}); {path.stat().st_size} bytes, "
+        "perhaps an interrupted download"
     )
 
 
-def _sharded(hf_dir: Path, index_name: str, load) -> dict[str, torch.Tensor]:
-    index = read_json(hf_dir / index_name)
-    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-        raise ModelFileError(f"{hf_dir / index_name}: no 'weight_map' object")
-    files = sorted(set(index["weight_map"].values()))
-    out: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = hf_dir / name
-        if not path.is_file():
-            raise UnsupportedModelError(f"{index_name} names {name}, which is missing")
-        out.update(load(path))
-    return out
+class HFWeights:
+    """The tensors of an HF model directory by name, read on demand."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        self.hf_dir = hf_dir
+        self.files: dict[str, Path] = {}  # tensor name -> the file that holds it
+        self._loaded: dict[str, torch.Tensor] | None = None  # legacy .bin weights
+        if (hf_dir / SAFETENSORS).is_file():
+            self._index_file(hf_dir / SAFETENSORS)
+        elif (hf_dir / SAFETENSORS_INDEX).is_file():
+            for path in self._shards(SAFETENSORS_INDEX):
+                self._index_file(path)
+        elif (hf_dir / BIN).is_file() or (hf_dir / BIN_INDEX).is_file():
+            paths = [hf_dir / BIN] if (hf_dir / BIN).is_file() else self._shards(BIN_INDEX)
+            self._loaded = {}
+            for path in paths:
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                self._loaded.update(loaded)
+                self.files.update(dict.fromkeys(loaded, path))
+        else:
+            raise UnsupportedModelError(
+                f"{hf_dir} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} "
+                f"or {BIN_INDEX}"
+            )
+
+    def _shards(self, index_name: str) -> list[Path]:
+        index = read_json(self.hf_dir / index_name)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise ModelFileError(f"{self.hf_dir / index_name}: no 'weight_map' object")
+        paths = []
+        for name in sorted(set(index["weight_map"].values())):
+            path = self.hf_dir / name
+            if not path.is_file():
+                raise UnsupportedModelError(f"{index_name} names {name}, which is missing")
+            paths.append(path)
+        return paths
+
+    def _index_file(self, path: Path) -> None:
+        try:
+            with safe_open(path, framework="pt") as f:
+                self.files.update(dict.fromkeys(f.keys(), path))
+        except SafetensorError as exc:
+            raise _unreadable(path, exc) from None
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def largest_file_bytes(self) -> int:
+        return max(p.stat().st_size for p in set(self.files.values()))
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._loaded is not None:
+            return self._loaded[name].clone()
+        path = self.files[name]
+        try:
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor(name)
+        except SafetensorError as exc:
+            raise _unreadable(path, exc) from None

@@ -1,5 +1,10 @@
 """Tensor layouts: Hugging Face Llama-family names and shapes <-> megatron-core's GPTModel.
 
+One table (:func:`model_recipes`) says, for every megatron tensor of a model, which HF tensors
+it is made of and how (``merge``), and how to take it apart again (``split``); import and
+export both read it, so the two directions cannot drift. The table is per tensor, so a
+conversion can produce one tensor at a time and never hold the model.
+
 Both sides use RoPE on the rotate-half layout, so query and key rows are copied as they are. The
 differences are packing:
 - megatron fuses Q, K and V into one ``linear_qkv`` whose rows are grouped per key/value head:
@@ -10,11 +15,12 @@ differences are packing:
 - megatron's embedding and output layer have the vocabulary padded to a multiple that divides
   evenly over tensor-parallel ranks; the padding rows are zero on import and dropped on export.
 
-These are whole (TP=1) tensors; megatron's distributed checkpointing shards them to any layout.
+Tensors are whole (TP=1); megatron's distributed checkpointing shards them to any layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +31,9 @@ from sci_scale.errors import UserError
 
 HF_PREFIX = "model."
 MEGATRON_PREFIX = "gpt."
+SCI_PREFIX = "sci."
+# Buffers some exports carry that are derived from the config, not weights.
+DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class WeightMappingError(UserError, ValueError):
@@ -68,111 +77,88 @@ def unpack_qkv(qkv: Tensor, shape: AttentionShape) -> tuple[Tensor, Tensor, Tens
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
-def _pad_rows(weight: Tensor, rows: int) -> Tensor:
-    if weight.shape[0] > rows:
-        raise WeightMappingError(f"vocabulary of {weight.shape[0]} rows exceeds {rows}")
-    padded = weight.new_zeros(rows, *weight.shape[1:])
-    padded[: weight.shape[0]] = weight
-    return padded
+@dataclass(frozen=True)
+class Recipe:
+    """One megatron tensor: the HF tensors it is made of, ``merge`` (HF -> megatron) and
+    ``split`` (megatron -> HF, in the order of ``hf``)."""
+
+    hf: tuple[str, ...]
+    merge: Callable[[list[Tensor]], Tensor]
+    split: Callable[[Tensor], list[Tensor]]
 
 
-def _take(sd: dict[str, Tensor], key: str) -> Tensor:
-    try:
-        return sd.pop(key)
-    except KeyError:
-        raise WeightMappingError(f"the checkpoint has no tensor {key!r}") from None
+def _copy(name: str) -> Recipe:
+    return Recipe((name,), lambda ts: ts[0], lambda t: [t])
 
 
-def hf_to_megatron(hf: dict[str, Tensor], m: ModelSection, padded_vocab: int) -> dict[str, Tensor]:
-    """HF state dict -> SCIGPTModel state dict (backbone keys). Every HF tensor must be used."""
-    hf = dict(hf)
-    out: dict[str, Tensor] = {}
-    mp, hp = MEGATRON_PREFIX, HF_PREFIX
-    shape = AttentionShape.of(m)
-    embed = _take(hf, f"{hp}embed_tokens.weight")
-    out[f"{mp}embedding.word_embeddings.weight"] = _pad_rows(embed, padded_vocab)
-    for i in range(m.num_layers):
-        src, dst = f"{hp}layers.{i}.", f"{mp}decoder.layers.{i}."
-        attn = f"{src}self_attn."
-        out[f"{dst}input_layernorm.weight"] = _take(hf, f"{src}input_layernorm.weight")
-        out[f"{dst}self_attention.linear_qkv.weight"] = pack_qkv(
-            _take(hf, f"{attn}q_proj.weight"),
-            _take(hf, f"{attn}k_proj.weight"),
-            _take(hf, f"{attn}v_proj.weight"),
-            shape,
-        )
-        if m.qkv_bias:
-            out[f"{dst}self_attention.linear_qkv.bias"] = pack_qkv(
-                _take(hf, f"{attn}q_proj.bias"),
-                _take(hf, f"{attn}k_proj.bias"),
-                _take(hf, f"{attn}v_proj.bias"),
-                shape,
+def _vocab(name: str, padded: int, vocab: int) -> Recipe:
+    def pad(ts: list[Tensor]) -> Tensor:
+        weight = ts[0]
+        if weight.shape[0] != vocab:
+            raise WeightMappingError(
+                f"{name} has {weight.shape[0]} rows; the config's vocab_size is {vocab}"
             )
-        out[f"{dst}self_attention.linear_proj.weight"] = _take(hf, f"{attn}o_proj.weight")
-        out[f"{dst}pre_mlp_layernorm.weight"] = _take(hf, f"{src}post_attention_layernorm.weight")
-        out[f"{dst}mlp.linear_fc1.weight"] = torch.cat(
-            [_take(hf, f"{src}mlp.gate_proj.weight"), _take(hf, f"{src}mlp.up_proj.weight")]
-        )
-        out[f"{dst}mlp.linear_fc2.weight"] = _take(hf, f"{src}mlp.down_proj.weight")
-    out[f"{mp}decoder.final_layernorm.weight"] = _take(hf, f"{hp}norm.weight")
-    lm_head = hf.pop("lm_head.weight", None)
-    if not m.tie_embeddings:
-        if lm_head is None:
-            raise WeightMappingError("the checkpoint has no tensor 'lm_head.weight'")
-        out[f"{mp}output_layer.weight"] = _pad_rows(lm_head, padded_vocab)
-    elif lm_head is not None and not torch.equal(lm_head, embed):
-        raise WeightMappingError(
-            "tie_word_embeddings is true but lm_head.weight differs from embed_tokens.weight"
-        )
-    # Non-persistent buffers some exports carry (rotary inv_freq) are derived, not weights.
-    leftover = sorted(k for k in hf if not k.endswith("rotary_emb.inv_freq"))
-    if leftover:
-        raise WeightMappingError(
-            f"{len(leftover)} tensor(s) have no place in a {m.num_layers}-layer sci-scale "
-            f"model: {', '.join(leftover[:5])}{' ...' if len(leftover) > 5 else ''}"
-        )
-    return out
+        if padded == vocab:  # imports keep the vocabulary unpadded: no copy
+            return weight
+        out = weight.new_zeros(padded, *weight.shape[1:])
+        out[:vocab] = weight
+        return out
+
+    return Recipe((name,), pad, lambda t: [t[:vocab]])
 
 
-def layer_to_hf(
-    sd: dict[str, Tensor], src: str, dst: str, shape: AttentionShape, qkv_bias: bool
-) -> dict[str, Tensor]:
-    """One megatron transformer layer (keys under ``src``) as HF Llama-layer tensors."""
-    out: dict[str, Tensor] = {}
+def _layer_recipes(
+    src: str, dst: str, shape: AttentionShape, qkv_bias: bool, qk_norm: bool
+) -> dict[str, Recipe]:
+    """One transformer layer: megatron names under ``src`` <- HF names under ``dst``."""
     attn = f"{dst}self_attn."
-    out[f"{dst}input_layernorm.weight"] = sd[f"{src}input_layernorm.weight"]
-    q, k, v = unpack_qkv(sd[f"{src}self_attention.linear_qkv.weight"], shape)
-    out[f"{attn}q_proj.weight"], out[f"{attn}k_proj.weight"] = q, k
-    out[f"{attn}v_proj.weight"] = v
+
+    def qkv(kind: str) -> Recipe:
+        names = tuple(f"{attn}{p}_proj.{kind}" for p in "qkv")
+        return Recipe(names, lambda ts: pack_qkv(*ts, shape), lambda t: list(unpack_qkv(t, shape)))
+
+    out = {
+        f"{src}input_layernorm.weight": _copy(f"{dst}input_layernorm.weight"),
+        f"{src}self_attention.linear_qkv.weight": qkv("weight"),
+        f"{src}self_attention.linear_proj.weight": _copy(f"{attn}o_proj.weight"),
+        f"{src}pre_mlp_layernorm.weight": _copy(f"{dst}post_attention_layernorm.weight"),
+        f"{src}mlp.linear_fc1.weight": Recipe(
+            (f"{dst}mlp.gate_proj.weight", f"{dst}mlp.up_proj.weight"),
+            torch.cat,
+            lambda t: list(torch.chunk(t, 2)),
+        ),
+        f"{src}mlp.linear_fc2.weight": _copy(f"{dst}mlp.down_proj.weight"),
+    }
     if qkv_bias:
-        qb, kb, vb = unpack_qkv(sd[f"{src}self_attention.linear_qkv.bias"], shape)
-        out[f"{attn}q_proj.bias"], out[f"{attn}k_proj.bias"] = qb, kb
-        out[f"{attn}v_proj.bias"] = vb
-    out[f"{attn}o_proj.weight"] = sd[f"{src}self_attention.linear_proj.weight"]
-    out[f"{dst}post_attention_layernorm.weight"] = sd[f"{src}pre_mlp_layernorm.weight"]
-    gate, up = torch.chunk(sd[f"{src}mlp.linear_fc1.weight"], 2, dim=0)
-    out[f"{dst}mlp.gate_proj.weight"], out[f"{dst}mlp.up_proj.weight"] = gate, up
-    out[f"{dst}mlp.down_proj.weight"] = sd[f"{src}mlp.linear_fc2.weight"]
+        out[f"{src}self_attention.linear_qkv.bias"] = qkv("bias")
+    if qk_norm:  # Qwen3: RMSNorm over each head's queries and keys
+        out[f"{src}self_attention.q_layernorm.weight"] = _copy(f"{attn}q_norm.weight")
+        out[f"{src}self_attention.k_layernorm.weight"] = _copy(f"{attn}k_norm.weight")
     return out
 
 
-def megatron_to_hf(sd: dict[str, Tensor], m: ModelSection, vocab: int) -> dict[str, Tensor]:
-    """SCIGPTModel state dict (backbone keys) -> HF state dict, vocabulary padding removed."""
+def model_recipes(m: ModelSection, vocab: int, padded_vocab: int) -> dict[str, Recipe]:
+    """Every backbone tensor of a SCIGPTModel (state-dict names), in the model's order."""
     mp, hp = MEGATRON_PREFIX, HF_PREFIX
     shape = AttentionShape.of(m)
-    out: dict[str, Tensor] = {}
-    out[f"{hp}embed_tokens.weight"] = sd[f"{mp}embedding.word_embeddings.weight"][:vocab]
+    out = {
+        f"{mp}embedding.word_embeddings.weight": _vocab(
+            f"{hp}embed_tokens.weight", padded_vocab, vocab
+        )
+    }
     for i in range(m.num_layers):
         out.update(
-            layer_to_hf(sd, f"{mp}decoder.layers.{i}.", f"{hp}layers.{i}.", shape, m.qkv_bias)
+            _layer_recipes(
+                f"{mp}decoder.layers.{i}.", f"{hp}layers.{i}.", shape, m.qkv_bias, m.qk_layernorm
+            )
         )
-    out[f"{hp}norm.weight"] = sd[f"{mp}decoder.final_layernorm.weight"]
+    out[f"{mp}decoder.final_layernorm.weight"] = _copy(f"{hp}norm.weight")
     if not m.tie_embeddings:
-        out["lm_head.weight"] = sd[f"{mp}output_layer.weight"][:vocab]
-    return {k: v.contiguous() for k, v in out.items()}
+        out[f"{mp}output_layer.weight"] = _vocab("lm_head.weight", padded_vocab, vocab)
+    return out
 
 
-def sci_branch_to_hf(sd: dict[str, Tensor], sci: SciSection) -> dict[str, Tensor]:
+def sci_branch_recipes(sci: SciSection) -> dict[str, Recipe]:
     """The SCI branch's fusion path (what changes logits) as ``modeling_sci_scale`` names it.
 
     Its layers are multi-head (one key/value head per query head) and bias-free."""
@@ -180,11 +166,49 @@ def sci_branch_to_hf(sd: dict[str, Tensor], sci: SciSection) -> dict[str, Tensor
         sci.num_attention_heads, sci.num_attention_heads, sci.hidden_size // sci.num_attention_heads
     )
     out = {
-        "sci.proj_in.weight": sd["sci.proj_in.weight"],
-        "sci.proj_out.weight": sd["sci.proj_out.weight"],
-        "sci.gate": sd["sci.gate"],
-        "sci.norm.weight": sd["sci.encoder.final_layernorm.weight"],
+        "sci.proj_in.weight": _copy("sci.proj_in.weight"),
+        "sci.proj_out.weight": _copy("sci.proj_out.weight"),
+        "sci.gate": _copy("sci.gate"),
+        "sci.encoder.final_layernorm.weight": _copy("sci.norm.weight"),
     }
     for i in range(sci.num_layers):
-        out.update(layer_to_hf(sd, f"sci.encoder.layers.{i}.", f"sci.layers.{i}.", shape, False))
-    return {k: v.contiguous() for k, v in out.items()}
+        out.update(
+            _layer_recipes(f"sci.encoder.layers.{i}.", f"sci.layers.{i}.", shape, False, False)
+        )
+    return out
+
+
+def check_hf_names(recipes: dict[str, Recipe], available: set[str], where: str) -> None:
+    """Every tensor the model needs is there and every tensor there has a place: an import
+    never leaves a weight random or drops one silently."""
+    needed = {name for r in recipes.values() for name in r.hf}
+    missing = sorted(needed - available)
+    if missing:
+        raise WeightMappingError(
+            f"{where} has no tensor {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+        )
+    leftover = sorted(
+        n for n in available - needed if not n.endswith(DERIVED_SUFFIXES) and n != "lm_head.weight"
+    )
+    if leftover:
+        raise WeightMappingError(
+            f"{len(leftover)} tensor(s) of {where} have no place in the sci-scale model (no "
+            f"mapping for them): {', '.join(leftover[:5])}{' ...' if len(leftover) > 5 else ''}"
+        )
+
+
+def megatron_tensor(recipe: Recipe, read: Callable[[str], Tensor]) -> Tensor:
+    """One megatron tensor, its HF parts read one by one."""
+    return recipe.merge([read(name) for name in recipe.hf])
+
+
+def hf_tensors(recipes: dict[str, Recipe], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The HF tensors of the megatron tensors given (any subset of ``recipes``: a layer, the
+    whole model), in the recipes' order, each contiguous."""
+    out: dict[str, Tensor] = {}
+    for name, recipe in recipes.items():
+        if name in tensors:
+            for hf_name, part in zip(recipe.hf, recipe.split(tensors[name]), strict=True):
+                out[hf_name] = part.contiguous()
+    return out

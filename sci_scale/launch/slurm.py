@@ -51,9 +51,8 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import yaml
 
-from sci_scale.config import Config, ConfigError, config_to_dict
+from sci_scale.config import Config, ConfigError, save_config
 from sci_scale.config.layout import data_parallel_size
 from sci_scale.errors import UserError
 from sci_scale.launch.inputs import check_inputs, resolve_paths
@@ -317,8 +316,7 @@ def submit(
     script = render_script(cfg, config_path, opts)  # before any file: a refused value leaves none
     slurm_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create output directories
     for path in (config_path, run_dir / "config.yaml"):
-        with open(path, "w") as handle:
-            yaml.safe_dump(config_to_dict(cfg), handle, sort_keys=False)
+        save_config(cfg, path)
     script_path = slurm_dir / f"{stem}.sbatch"
     script_path.write_text(script)
     proc = subprocess.run(

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
-import yaml
 
-from sci_scale.config import Config, config_to_dict
+from sci_scale.config import Config, save_config
 from sci_scale.launch.script_quoting import (
     count,
     directive_value,
@@ -138,8 +137,7 @@ def submit_study(
     if shutil.which("sbatch") is None:
         raise SubmitError("sbatch not found: submit the study from a Slurm login node")
     slurm_dir.mkdir(parents=True, exist_ok=True)
-    with open(config_path, "w") as handle:
-        yaml.safe_dump(config_to_dict(cfg), handle, sort_keys=False)
+    save_config(cfg, config_path)
     paths = {}
     for key, text in scripts.items():
         paths[key] = slurm_dir / f"{stem}-{key}.sbatch"

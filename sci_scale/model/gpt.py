@@ -85,13 +85,15 @@ def backbone_transformer_config(
         init_method_std=m.init_method_std,
         kv_channels=m.head_dim,
         add_qkv_bias=m.qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline if p.virtual_pipeline > 1 else None,
         # Weights are allocated where they compute; their values are drawn layout-independently
         # afterwards (model.init). The CPU path keeps megatron's CPU initialization, which its
         # CPU compatibility layer is proven with.
-        use_cpu_initialization=impl.device.type == "cpu",
+        use_cpu_initialization=impl.device.type in ("cpu", "meta"),
+        perform_initialization=impl.device.type != "meta",
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=m.params_dtype == "bf16",
@@ -171,8 +173,9 @@ class SCIGPTModel(MegatronModule):
         post_process: bool = True,
         use_te: bool | None = None,
         vp_stage: int | None = None,
+        device: torch.device | None = None,
     ) -> None:
-        device = current_device()
+        device = device or current_device()
         if use_te is None:
             impl = resolve_implementation(cfg, device)
         else:  # an explicit choice (tests, tools)
@@ -193,6 +196,9 @@ class SCIGPTModel(MegatronModule):
             self._build(cfg, config, impl, vocab_size, pre_process, post_process, vp_stage)
         # The SCI contribution waiting for the fusion layer's pre-hook, within one forward.
         self._pending: tuple[SCIContribution, float] | None = None
+        if device.type == "meta":  # shapes and checkpoint keys only (conversion plans)
+            self.apply_mode()
+            return
         check_constant_vectors(self)
         initialize_layout_independent(
             self,
@@ -218,7 +224,7 @@ class SCIGPTModel(MegatronModule):
                 "backbone's per-document attention runs on sci-scale's SDPA attention, not on "
                 "Transformer Engine's"
             )
-        spec = layer_spec(impl, AttnMaskType.causal)
+        spec = layer_spec(impl, AttnMaskType.causal, cfg.model.qk_layernorm)
         self.gpt = GPTModel(
             config=config,
             transformer_layer_spec=spec,

@@ -133,6 +133,7 @@ class SCIBranch(MegatronModule):
             # It attends over unpacked examples, whole: the sequence is never sharded here.
             sequence_parallel=False,
             use_cpu_initialization=backbone_config.use_cpu_initialization,
+            perform_initialization=backbone_config.perform_initialization,
             params_dtype=backbone_config.params_dtype,
             bf16=backbone_config.bf16,
             attention_backend=backbone_config.attention_backend,

@@ -116,9 +116,13 @@ def resolve_implementation(cfg: Config, device: torch.device) -> Implementation:
 
 
 def local_layer_spec(
-    attn_mask_type: AttnMaskType = AttnMaskType.causal, attention_backend: str = "auto"
+    attn_mask_type: AttnMaskType = AttnMaskType.causal,
+    attention_backend: str = "auto",
+    qk_layernorm: bool = False,
 ) -> ModuleSpec:
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec = copy.deepcopy(
+        get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+    )
     attention = spec.submodules.self_attention
     attention.submodules.core_attention = (
         DotProductAttention
@@ -129,21 +133,26 @@ def local_layer_spec(
     return spec
 
 
-def te_layer_spec(attn_mask_type: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
+def te_layer_spec(
+    attn_mask_type: AttnMaskType = AttnMaskType.causal, qk_layernorm: bool = False
+) -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())
+    spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm))
     attention = spec.submodules.self_attention
     attention.params = {**(attention.params or {}), "attn_mask_type": attn_mask_type}
     return spec
 
 
-def layer_spec(impl: Implementation, attn_mask_type: AttnMaskType) -> ModuleSpec:
+def layer_spec(
+    impl: Implementation, attn_mask_type: AttnMaskType, qk_layernorm: bool = False
+) -> ModuleSpec:
+    """``qk_layernorm``: RMSNorm over each head's queries and keys before RoPE (Qwen3)."""
     if impl.use_te:
-        return te_layer_spec(attn_mask_type)
-    return local_layer_spec(attn_mask_type, impl.attention_backend)
+        return te_layer_spec(attn_mask_type, qk_layernorm)
+    return local_layer_spec(attn_mask_type, impl.attention_backend, qk_layernorm)
 
 
 def select_layer_spec(

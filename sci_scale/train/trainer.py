@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from megatron.core import parallel_state
 
-from sci_scale.config import Config, ConfigError, config_to_dict
+from sci_scale.config import Config, ConfigError, config_to_dict, save_config
 from sci_scale.config.layout import data_parallel_size
 from sci_scale.data.build import build_data
 from sci_scale.data.pipeline import DataBundle
@@ -124,8 +123,7 @@ class Trainer:
         resolve_implementation(cfg, self.env.device)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "config.yaml", "w") as handle:
-                yaml.safe_dump(config_to_dict(cfg), handle, sort_keys=False)
+            save_config(cfg, self.run_dir / "config.yaml")
 
         t0 = time.perf_counter()
         self.data: DataBundle = build_data(cfg, self.run_dir)

@@ -1,0 +1,182 @@
+"""Megatron distributed checkpoints written and read a few tensors at a time.
+
+Conversions of 8B-70B models must not hold the model. megatron's own writer
+(``FileSystemWriterAsync``) stages every tensor of a rank in host memory before writing, and
+a whole-model load needs the whole model. Both directions here start from the model's
+*sharded state dict built on the meta device* (``SCIGPTModel(..., device=meta)``): exactly the
+keys, global shapes, offsets and replica ids a real model of that config saves, with no
+storage behind them.
+
+- :func:`save_streaming` writes that structure through megatron's ``dist_checkpointing.save``
+  (so ``metadata.json``, ``common.pt`` and the integrity checks are megatron's), with a save
+  strategy that hands the shards to torch's plain ``FileSystemWriter`` instead: its serial
+  loader asks the planner for one chunk at a time, writes it and drops it. The planner
+  computes each chunk on demand from ``produce(param_name)``.
+- :func:`load_group` reads the tensors of some parameters (one layer, say) from any
+  checkpoint, whatever layout it was written at: megatron reads just their byte ranges.
+
+The result is an ordinary checkpoint: it loads, and reshards, like one a training run wrote.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedTensor,
+    ShardedTensorFactory,
+    apply_factories,
+)
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch import Tensor
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+
+from sci_scale.checkpoint.safe_load import restricted_checkpoint_reads
+
+Produce = Callable[[str], Tensor]  # a parameter's state-dict name -> its whole (TP=1) tensor
+ChunkSource = tuple[str, int]  # (parameter name, number of prepended axes, e.g. the layer)
+
+
+class _Chunks:
+    """Turns a write request (checkpoint key, global offsets, sizes) into the tensor to write.
+
+    The skeleton's global tensor of a key is the whole parameter with the layer axis in
+    front (megatron's global layout is the TP=1 layout: fused SwiGLU is ``[gate; up]``, the
+    vocabulary padded as at TP=1), so every chunk is a slice of one parameter. The last
+    parameter is kept, since megatron writes a fused SwiGLU weight as two chunks."""
+
+    def __init__(self, skeleton: dict, produce: Produce, dtype: torch.dtype) -> None:
+        self.produce, self.dtype = produce, dtype
+        self.sources: dict[tuple[str, tuple[int, ...]], ChunkSource] = {}
+        self.prepended: dict[str, int] = {}
+        for name, value in skeleton.items():
+            for sh in value if isinstance(value, list) else [value]:
+                if isinstance(sh, ShardedTensor):
+                    n = sh.prepend_axis_num
+                    self.prepended[sh.key] = n
+                    self.sources[(sh.key, tuple(sh.global_offset[:n]))] = (name, n)
+        self._last: tuple[str, Tensor] | None = None
+
+    def _param(self, name: str) -> Tensor:
+        if self._last is None or self._last[0] != name:
+            self._last = None  # drop the previous parameter before making the next
+            self._last = (name, self.produce(name).to(self.dtype))
+        return self._last[1]
+
+    def __call__(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> Tensor:
+        n = self.prepended[key]
+        name, _ = self.sources[(key, tuple(offsets[:n]))]
+        whole = self._param(name)
+        window = tuple(slice(o, o + s) for o, s in zip(offsets[n:], sizes[n:], strict=True))
+        chunk = whole[window]
+        if chunk.numel() != whole.numel():
+            chunk = chunk.clone()  # a view would be written with its whole storage
+        return chunk.reshape(sizes)
+
+
+class _ProducingPlanner(MCoreSavePlanner):
+    def __init__(self, chunks: _Chunks) -> None:
+        super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False)
+        self.chunks = chunks
+
+    def resolve_data(self, write_item: WriteItem) -> Tensor | object:
+        if write_item.type == WriteItemType.BYTE_IO or write_item.tensor_data is None:
+            return super().resolve_data(write_item)
+        chunk = write_item.tensor_data.chunk
+        return self.chunks(write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes))
+
+
+class _Writer(FileSystemWriter):
+    """torch's writer without the storage metadata, which holds the save path as a
+    ``PathLike``: megatron's writer leaves it out too, and the restricted reader of
+    ``safe_load`` refuses any class a checkpoint's metadata does not need."""
+
+    def storage_meta(self) -> None:
+        return None
+
+
+class _StreamingStrategy(TorchDistSaveShardedStrategy):
+    """megatron's torch_dist format, written by torch's serial filesystem writer."""
+
+    def __init__(self, chunks: _Chunks) -> None:
+        super().__init__("torch_dist", 1)
+        self.chunks = chunks
+
+    def save(self, sharded_state_dict: dict, checkpoint_dir: str | Path) -> None:
+        renamed, _, _ = _replace_state_dict_keys_with_sharded_keys(
+            sharded_state_dict, keep_only_main_replica=True
+        )
+        dcp_save(
+            mcore_to_pyt_state_dict(renamed, False),
+            storage_writer=_Writer(str(checkpoint_dir), thread_count=1),
+            planner=_ProducingPlanner(self.chunks),
+        )
+
+    def async_save(self, *args: object, **kwargs: object):  # type: ignore[override]
+        raise NotImplementedError("a streaming save is synchronous")
+
+
+def save_streaming(
+    skeleton: dict, checkpoint_dir: Path, produce: Produce, dtype: torch.dtype
+) -> None:
+    """Write the checkpoint whose structure is ``skeleton`` (a meta model's sharded state
+    dict), each parameter made by ``produce`` when its first chunk is written (collective
+    over the current process group; conversions run it in one process)."""
+    apply_factories(skeleton)
+    dist_checkpointing.save(
+        skeleton,
+        str(checkpoint_dir),
+        sharded_strategy=_StreamingStrategy(_Chunks(skeleton, produce, dtype)),
+    )
+
+
+def _unstacked(sh: ShardedTensor) -> ShardedTensor:
+    """The same chunk with the layer axis made an ordinary axis of length 1 (a view of the
+    same storage). megatron reads prepended-axis tensors through torch's ShardedTensor, which
+    insists on every layer being present; an ordinary chunk may be read alone."""
+    n = sh.prepend_axis_num
+    if n == 0:
+        return sh
+    data = sh.data.reshape((1,) * n + tuple(sh.data.shape))
+    return dataclasses.replace(sh, data=data, local_shape=tuple(data.shape), prepend_axis_num=0)
+
+
+def load_group(skeleton: dict, names: Iterable[str], checkpoint_dir: Path) -> dict[str, Tensor]:
+    """The whole (TP=1) tensors of parameters ``names`` (one layer, say) from a megatron
+    checkpoint of any layout: only their bytes are read. ``skeleton`` (a meta model's sharded
+    state dict, factories not applied) is left as it was."""
+    params: dict[str, Tensor] = {}
+    group: dict[str, object] = {}
+    for name in names:
+        value = skeleton[name]
+        if isinstance(value, ShardedObject):
+            continue  # extra state (Transformer Engine's FP8 metadata): not a weight
+        assert isinstance(value, ShardedTensor | ShardedTensorFactory), type(value)
+        params[name] = torch.empty(value.data.shape, dtype=value.data.dtype)
+        entry = copy.copy(value)
+        entry.data = params[name]
+        group[name] = entry
+    apply_factories(group)  # e.g. SwiGLU's [gate; up] as two chunks: views of the parameter
+    flat = {
+        f"{name}/{i}": _unstacked(sh)
+        for name, value in group.items()
+        for i, sh in enumerate(value if isinstance(value, list) else [value])
+    }
+    with restricted_checkpoint_reads():
+        # Reading one layer of tensors stacked over layers is partial by design; the chunks
+        # are read into the parameters' storage.
+        dist_checkpointing.load(flat, str(checkpoint_dir), validate_access_integrity=False)
+    return params

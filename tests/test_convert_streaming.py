@@ -1,0 +1,225 @@
+"""Conversion at real size: the streamed import and the sharded export, proved on what they
+write and on the memory they take.
+
+The acceptance run (slow) makes a random Llama-shaped model of ~2 GB, converts it HF ->
+sci-scale -> HF as the CLI does, samples each conversion's resident memory, and requires it
+under 1.5x the largest shard + 1 GB (the model itself would not fit that), every tensor equal,
+and the sharded export loaded by transformers. The fast tests pin each piece on tiny models:
+the shard plan and index, dtypes, tokenizer files, the model card, and the errors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hf_models import build_hf_model
+from launchers import REPO
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_bad_inputs import one_line_error
+
+from sci_scale.cli.main import main
+from sci_scale.convert import hf
+from sci_scale.convert.weights import WeightMappingError
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("stream")
+    src = build_hf_model("llama", root / "hf")
+    return {"hf": src, "ckpt": hf.hf_to_sci(src, root / "ckpt")}
+
+
+def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def test_sharded_export_follows_max_shard_size_and_loads_in_transformers(
+    llama: dict[str, Path], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    limit = 100_000
+    out = hf.sci_to_hf(llama["ckpt"], tmp_path / "out", dtype="keep", max_shard_size="100KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and not (out / "model.safetensors").exists()
+    assert files == [
+        f"model-{k:05d}-of-{len(files):05d}.safetensors" for k in range(1, len(files) + 1)
+    ]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == files
+    sizes = 0
+    for name in files:
+        with safe_open(out / name, "pt") as f:
+            keys = list(f.keys())
+            assert all(index["weight_map"][k] == name for k in keys)
+            data = sum(f.get_tensor(k).numel() * 4 for k in keys)
+        sizes += data
+        assert data <= limit or len(keys) == 1, (name, data)  # one oversized tensor: its own file
+    assert index["metadata"]["total_size"] == sizes
+    original = load_file(llama["hf"] / "model.safetensors")
+    exported = tensors_of(out)
+    assert set(exported) == set(index["weight_map"]) == set(original)
+    assert all(torch.equal(exported[k], v) for k, v in original.items())
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
+
+
+def test_default_export_is_one_bf16_file_with_a_model_card(
+    llama: dict[str, Path], tmp_path: Path
+) -> None:
+    out = hf.sci_to_hf(llama["ckpt"], tmp_path / "out")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
+    exported, original = (
+        load_file(out / "model.safetensors"),
+        load_file(llama["hf"] / "model.safetensors"),
+    )
+    assert all(t.dtype == torch.bfloat16 for t in exported.values())
+    assert all(torch.equal(exported[k], v.to(torch.bfloat16)) for k, v in original.items())
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    card = (out / "README.md").read_text()
+    assert "LlamaForCausalLM" in card and "| training steps | 0 |" in card
+    assert "imported" in card and "| SCI branch | off |" in card
+
+
+def test_import_reads_transformers_shards_tensor_by_tensor(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    src = build_hf_model("qwen2", tmp_path / "one")
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(sharded, max_shard_size="60KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((src / name).read_bytes())
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    ckpt = hf.hf_to_sci(sharded, tmp_path / "ckpt")
+    diff = hf.verify(ckpt, src)
+    assert diff is not None and diff <= TOLERANCE, diff
+
+
+def test_import_writes_a_config_to_continue_pretraining_from(
+    llama: dict[str, Path], tmp_path: Path
+) -> None:
+    from sci_scale.config import load_config, validate
+
+    cfg = load_config(llama["ckpt"] / "continue.yaml", [f"run.dir={tmp_path}"])
+    validate(cfg)
+    imported = hf.import_config(llama["hf"])
+    assert cfg.model == imported.model
+    assert cfg.checkpoint.init_from == str(llama["ckpt"].resolve())
+    assert cfg.data.tokenizer == str(llama["hf"].resolve())
+    assert cfg.sci.mode == "joint"
+
+
+def _rewrite(src: Path, change) -> None:
+    tensors = load_file(src / "model.safetensors")
+    change(tensors)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_an_unmapped_weight_is_an_error_naming_it(tmp_path: Path) -> None:
+    src = build_hf_model("llama", tmp_path / "src")
+    _rewrite(src, lambda t: t.update({"model.layers.0.self_attn.rel_bias.weight": torch.zeros(4)}))
+    with pytest.raises(WeightMappingError, match=r"model\.layers\.0\.self_attn\.rel_bias\.weight"):
+        hf.hf_to_sci(src, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_missing_weight_is_an_error_naming_it(tmp_path: Path) -> None:
+    src = build_hf_model("qwen3", tmp_path / "src")
+    _rewrite(src, lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
+    with pytest.raises(WeightMappingError, match=r"model\.layers\.1\.self_attn\.k_norm\.weight"):
+        hf.hf_to_sci(src, tmp_path / "ckpt")
+
+
+def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path: Path) -> None:
+    src = build_hf_model("llama", tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = ["GemmaForCausalLM"]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.UnsupportedModelError, match=r"GemmaForCausalLM.*Qwen3ForCausalLM"):
+        hf.hf_to_sci(src, tmp_path / "ckpt")
+
+
+def test_special_tokens_and_chat_template_survive_the_export(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    src = build_hf_model("llama", tmp_path / "src")
+    template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config.update(additional_special_tokens=["<pad>"], model_max_length=256)
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    (src / "chat_template.jinja").write_text(template)
+    (src / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
+    )
+    out = hf.sci_to_hf(hf.hf_to_sci(src, tmp_path / "ckpt"), tmp_path / "out")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja"):  # fmt: skip
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    messages = [{"role": "user", "content": "w1 w2"}]
+    ours, theirs = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(src)
+    assert ours.apply_chat_template(messages, add_generation_prompt=True) == (
+        theirs.apply_chat_template(messages, add_generation_prompt=True)
+    )
+    assert ours.eos_token == "</s>" and ours.bos_token == "<s>"
+
+
+def test_export_options_are_checked_before_anything_is_read(
+    llama: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["export", "--ckpt", str(llama["ckpt"]), "--out", str(tmp_path / "o"),
+            "--max-shard-size", "lots"]  # fmt: skip
+    assert "--max-shard-size 'lots'" in one_line_error(capsys, argv, "export")
+    assert not (tmp_path / "o").exists()
+    assert main(["export", "--ckpt", str(llama["ckpt"]), "--out", str(tmp_path / "o"),
+                 "--max-shard-size", "1MB"]) == 0  # fmt: skip
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_two_gigabyte_model_round_trips_in_bounded_memory(tmp_path: Path) -> None:
+    """The acceptance run: ~2 GB of fp32 Llama, 500 MB shards in and out."""
+    from transformers import AutoConfig
+
+    proc = subprocess.run(
+        [sys.executable, "tools/convert_memory.py", "--workdir", str(tmp_path / "work"),
+         "--hidden", "2048", "--layers", "8", "--shard-size", "500MB"],
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stdout)  # the figures, in the test log
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["model_gb"] > 1.9
+    assert figures["tensors_compared"] == 2 + 8 * 9 + 1 and figures["tensors_different"] == 0
+    for step in ("import", "export"):
+        assert figures[f"{step}_peak_rss_gb"] < figures[f"{step}_bound_gb"], (step, figures)
+        assert figures[f"{step}_peak_rss_gb"] < figures["model_gb"]  # never the whole model
+    out = tmp_path / "work" / "out"
+    assert figures["export_files"] == len(list(out.glob("model-*-of-*.safetensors"))) >= 4
+    assert all(p.stat().st_size <= 500_000_000 + 100_000 for p in out.glob("*.safetensors"))
+    # transformers reads the export (config, index, every shard) into the model class.
+    from transformers import AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(model).__name__ == "LlamaForCausalLM" and config.num_hidden_layers == 8
+    assert sum(p.numel() for p in model.parameters()) == figures["parameters"]
+    with safe_open(out / f"model-00001-of-{figures['export_files']:05d}.safetensors", "pt") as f:
+        name = next(iter(f.keys()))
+        assert torch.equal(model.state_dict()[name], f.get_tensor(name))
+    assert re.search(r"\d+ tensors compared, 0 differ", proc.stdout)
