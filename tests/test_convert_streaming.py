@@ -223,3 +223,75 @@ def test_a_two_gigabyte_model_round_trips_in_bounded_memory(tmp_path: Path) -> N
         name = next(iter(f.keys()))
         assert torch.equal(model.state_dict()[name], f.get_tensor(name))
     assert re.search(r"\d+ tensors compared, 0 differ", proc.stdout)
+
+
+def _batches_and_reference_loss(cfg, hf_dir: Path) -> float:
+    """The first step's batches as a one-process run draws them (data parallel size 1, as in
+    TP2 x PP2 on four processes), scored by the original model in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from sci_scale.data.loader import MicroBatches
+    from sci_scale.runtime.distributed import destroy_distributed
+    from sci_scale.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    trainer.setup()
+    source = MicroBatches(trainer.data.train, 0, cfg.train.micro_batch_size, 0, 1)
+    batches = [next(source) for _ in range(trainer.num_microbatches)]
+    destroy_distributed()
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for b in batches:
+            logits = reference(b["tokens"]).logits.double()
+            ce = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), b["labels"].flatten(), reduction="none"
+            )
+            mask = b["loss_mask"].flatten().double()
+            total += float((ce * mask).sum())
+            count += float(mask.sum())
+    return total / count
+
+
+@pytest.mark.slow
+def test_continued_pretraining_at_tp2_pp2_from_hf_and_back(tmp_path: Path) -> None:
+    """The documented sequence: import (recording TP2 x PP2), train on four processes with the
+    backbone's tokenizer and SCI joint from the written continue.yaml, export. Step 1's LM
+    loss is the backbone's loss in transformers on the same batch (the branch's gate starts at
+    zero); the export of the TP2 x PP2 checkpoint gives sci-scale's logits in transformers."""
+    from launchers import failure_summary, torchrun
+    from test_convert import corpus_file
+
+    from sci_scale.config import load_config
+
+    src = build_hf_model("llama", tmp_path / "hf")
+    ckpt = tmp_path / "imported"
+    assert main(["convert", "hf-to-sci", "--hf", str(src), "--out", str(ckpt),
+                 "--tp", "2", "--pp", "2"]) == 0  # fmt: skip
+    corpus = corpus_file(tmp_path / "corpus.jsonl")
+    overrides = [
+        f"data.cache_dir={tmp_path / 'cache'}", "data.corpus=jsonl",
+        f"data.corpus_paths=[{corpus}]", "model.seq_length=128", "sci.hidden_size=32",
+        "sci.num_layers=1", "sci.embed_dim=16", "data.pair_rate=0.25",
+        "data.arithmetic_per_template=8",
+        "train.steps=2", "train.micro_batch_size=2", "train.global_batch_size=4",
+        "train.warmup_steps=1", "train.log_interval=1", "train.eval_interval=100",
+        "logging.wandb_mode=disabled",
+    ]  # fmt: skip
+    run = tmp_path / "run"
+    proc = torchrun(4, [str(ckpt / "continue.yaml"), f"run.dir={run}", *overrides])
+    assert proc.returncode == 0, failure_summary(proc)
+    assert "layout: TP2 x PP2 x DP1" in proc.stdout, proc.stdout[-2000:]
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1
+    cfg = load_config(ckpt / "continue.yaml", [f"run.dir={tmp_path / 'ref'}", *overrides])
+    cfg = cfg.replace(parallel=cfg.parallel.replace(tensor=1, pipeline=1))
+    assert first["lm_loss"] == pytest.approx(_batches_and_reference_loss(cfg, src), rel=1e-5)
+    final = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    out = tmp_path / "export"
+    assert main(["export", "--ckpt", str(final), "--out", str(out), "--dtype", "keep"]) == 0
+    diff = hf.verify(final, out, trust_remote_code=True)
+    assert diff is not None and diff <= TOLERANCE, diff
+    card = (out / "README.md").read_text()
+    assert "| training steps | 2 |" in card and "joint, fused" in card
+    assert f"`{ckpt.resolve()}`" in card  # started from the import

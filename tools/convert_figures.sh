@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Conversion time and peak memory on this machine for a random 1.24B-parameter Llama-3.2-1B-shaped
 # model (bf16 safetensors, tied embeddings, llama3 RoPE scaling factor 32), built offline:
-# import, export to bf16, the logits check, and the round trip's tensor equality.
+# import, the sharded bf16 export (1 GB shards), the logits check, and the round trip's tensor
+# equality.
 #   tools/convert_figures.sh [WORK_DIR]   (needs ~10 GB of memory and ~10 GB of disk)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,13 +29,16 @@ measure() {  # label, command...: wall time and peak RSS of one command
   /usr/bin/time -f "$label: %e s wall, %M KB peak RSS" "$@" 2>&1 | grep -E "^$label:|logits"
 }
 measure import "$SCI" convert hf-to-sci --hf "$work/hf" --out "$work/ckpt"
-measure export "$SCI" convert sci-to-hf --ckpt "$work/ckpt" --out "$work/export" --dtype bf16
+measure export "$SCI" export --ckpt "$work/ckpt" --out "$work/export" --max-shard-size 1GB
 measure verify "$SCI" convert verify --ckpt "$work/ckpt" --hf "$work/hf" --seq 64
 "$PY" - "$work" <<'PY'
 import sys, torch
 from safetensors.torch import load_file
+from pathlib import Path
 a = load_file(f"{sys.argv[1]}/hf/model.safetensors")
-b = load_file(f"{sys.argv[1]}/export/model.safetensors")
+files = sorted(Path(sys.argv[1], "export").glob("model-*.safetensors"))
+b = {k: v for f in files for k, v in load_file(f).items()}
 same = set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-print(f"round trip: {len(a)} tensors, {'all bit-identical' if same else 'DIFFERENT'}")
+print(f"round trip: {len(a)} tensors, {'all bit-identical' if same else 'DIFFERENT'}; "
+      f"export in {len(files)} shards of <= 1 GB")
 PY

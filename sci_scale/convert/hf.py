@@ -94,8 +94,11 @@ def continue_config(cfg: Config, ckpt: Path) -> Config:
     shape, its tokenizer, the recorded TP/PP layout, ``checkpoint.init_from`` set and the
     SCI branch at the schema's defaults; a run adds its corpus and run directory."""
     base = config_from_dict({})
+    first_stage_layers = cfg.model.num_layers // cfg.parallel.pipeline
     return base.replace(
         model=cfg.model,
+        # the branch joins on the first pipeline stage
+        sci=base.sci.replace(fuse_layer=min(base.sci.fuse_layer, first_stage_layers - 1)),
         parallel=base.parallel.replace(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline),
         data=base.data.replace(tokenizer=cfg.data.tokenizer),
         checkpoint=base.checkpoint.replace(init_from=str(ckpt.resolve())),

@@ -21,6 +21,15 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+READ_BLOCK_BYTES = 64 << 20  # rows of a large tensor read per opening of its file
+_ITEM_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "U8": 1, "I8": 1}
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count
 
 
 def _unreadable(path: Path, exc: Exception) -> ModelFileError:
@@ -81,11 +90,28 @@ class HFWeights:
         return max(p.stat().st_size for p in set(self.files.values()))
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, read in blocks of rows: the file's mapped pages count as this process's
+        memory until the file is closed, so a large tensor (an embedding of 128k rows) is read
+        a block at a time, each block from the file opened for it, and is held once."""
         if self._loaded is not None:
             return self._loaded[name].clone()
         path = self.files[name]
         try:
             with safe_open(path, framework="pt") as f:
-                return f.get_tensor(name)
+                part = f.get_slice(name)
+                shape = part.get_shape()
+                rows = shape[0] if shape else 0
+                row_bytes = _numel(shape[1:]) * _ITEM_BYTES.get(part.get_dtype(), 4)
+                if not shape or rows * row_bytes <= READ_BLOCK_BYTES:
+                    return f.get_tensor(name)
+                step = max(1, READ_BLOCK_BYTES // max(1, row_bytes))
+                first = part[0:step]
+            out = torch.empty(shape, dtype=first.dtype)
+            out[:step] = first
+            del first
+            for start in range(step, rows, step):
+                with safe_open(path, framework="pt") as f:
+                    out[start : start + step] = f.get_slice(name)[start : start + step]
+            return out
         except SafetensorError as exc:
             raise _unreadable(path, exc) from None

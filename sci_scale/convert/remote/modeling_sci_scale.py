@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    LlamaConfig,
+    PretrainedConfig,
+)
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
@@ -93,7 +99,10 @@ class SciBranch(nn.Module):
         return self.gate * self.proj_out(self.norm(x))
 
 
-class SciScaleForCausalLM(PreTrainedModel):
+class SciScaleForCausalLM(PreTrainedModel, GenerationMixin):
+    """``generate`` runs without a KV cache: the branch attends over the whole text, so every
+    step computes the whole sequence (a cache would hand the branch the newest token alone)."""
+
     config_class = SciScaleConfig
     base_model_prefix = "backbone"
     _supports_sdpa = True
@@ -107,6 +116,7 @@ class SciScaleForCausalLM(PreTrainedModel):
         layer = self.backbone.model.layers[config.sci["fuse_layer"]]
         layer.register_forward_pre_hook(self._add_fusion, with_kwargs=True)
         self.post_init()
+        self.generation_config.use_cache = False
 
     def _add_fusion(self, _module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self._fusion is None:
@@ -121,7 +131,14 @@ class SciScaleForCausalLM(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
 
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        kwargs.pop("past_key_values", None)
+        kwargs["use_cache"] = False
         embeddings = self.backbone.get_input_embeddings()(input_ids)
         self._fusion = self.sci(embeddings)
         try:
