@@ -93,6 +93,25 @@ def write_tokenizer(directory: Path, words: int = TOKENIZER_WORDS) -> None:
     )
 
 
+def transformers_lm_loss(hf_dir: Path, batches: list[dict]) -> float:
+    """The mean LM loss of the original model in transformers over sci-scale batches (tokens,
+    labels, loss mask), in float64: what a training step's ``lm_loss`` must equal."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for b in batches:
+            logits = reference(b["tokens"]).logits.double()
+            ce = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), b["labels"].flatten(), reduction="none"
+            )
+            mask = b["loss_mask"].flatten().double()
+            total += float((ce * mask).sum())
+            count += float(mask.sum())
+    return total / count
+
+
 def build_hf_model(name: str, directory: Path, seed: int = 0, **overrides) -> Path:
     import transformers
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_overrides
-from hf_models import ARCHS, VOCAB, build_hf_model, write_tokenizer
+from hf_models import ARCHS, VOCAB, build_hf_model, transformers_lm_loss, write_tokenizer
 from launchers import REPO, failure_summary
 from safetensors.torch import load_file
 
@@ -152,8 +152,6 @@ def test_first_step_loss_with_sci_attached_equals_transformers(
     models: dict, name: str, tmp_path: Path
 ) -> None:
     """Gate at zero: the backbone computes exactly what it did in transformers."""
-    from transformers import AutoModelForCausalLM
-
     from sci_scale.data.loader import MicroBatches
 
     cfg = continued_config(models, name, tmp_path, "train.steps=1")
@@ -164,19 +162,8 @@ def test_first_step_loss_with_sci_attached_equals_transformers(
     assert any(int(b["template_ids"].ge(0).sum()) for b in batches if "template_ids" in b)
     record = trainer.train_step()
     destroy_distributed()
-
-    reference = AutoModelForCausalLM.from_pretrained(models[name]["hf"], dtype=torch.float32)
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for b in batches:
-            logits = reference(b["tokens"]).logits.double()
-            ce = torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), b["labels"].flatten(), reduction="none"
-            )
-            mask = b["loss_mask"].flatten().double()
-            total += float((ce * mask).sum())
-            count += float(mask.sum())
-    assert record["lm_loss"] == pytest.approx(total / count, rel=1e-5, abs=0)
+    expected = transformers_lm_loss(models[name]["hf"], batches)
+    assert record["lm_loss"] == pytest.approx(expected, rel=1e-5, abs=0)
     assert record["scl_loss"] is not None  # the SCI branch took part
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import build_hf_model
+from hf_models import build_hf_model, transformers_lm_loss
 from launchers import REPO
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -191,6 +191,43 @@ def test_export_options_are_checked_before_anything_is_read(
     assert (tmp_path / "o" / "model.safetensors").is_file()
 
 
+def test_export_takes_a_run_directory_and_sizes_in_bytes(tmp_path: Path) -> None:
+    """As a user types it: ``sci-scale export RUN_DIR --out DIR`` exports the latest checkpoint."""
+    from sci_scale.checkpoint.index import LATEST
+
+    src = build_hf_model("smollm2", tmp_path / "src")
+    run = tmp_path / "run"
+    ckpt = hf.hf_to_sci(src, run / "checkpoints" / "step_0000000")
+    (run / "checkpoints" / LATEST).write_text(ckpt.name)
+    assert main(["export", str(run), "--out", str(tmp_path / "out"), "--dtype", "keep",
+                 "--max-shard-size", "50000"]) == 0  # fmt: skip
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    original = load_file(src / "model.safetensors")
+    exported = tensors_of(tmp_path / "out")
+    assert set(exported) == set(original)
+    assert all(torch.equal(exported[k], v) for k, v in original.items())
+
+
+def test_export_of_a_directory_that_is_no_checkpoint_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    message = one_line_error(capsys, ["export", str(tmp_path), "--out", str(tmp_path / "o")],
+                             "export")  # fmt: skip
+    assert str(tmp_path) in message and "not a checkpoint" in message
+
+
+def test_import_reads_a_legacy_pytorch_bin(tmp_path: Path) -> None:
+    src = build_hf_model("qwen3", tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    torch.save(tensors, src / "pytorch_model.bin")
+    (src / "model.safetensors").unlink()
+    ckpt = hf.hf_to_sci(src, tmp_path / "ckpt")
+    exported = load_file(hf.sci_to_hf(ckpt, tmp_path / "out", dtype="keep") / "model.safetensors")
+    assert set(exported) == set(tensors)
+    assert all(torch.equal(exported[k], v) for k, v in tensors.items())
+
+
 @pytest.mark.slow
 def test_a_two_gigabyte_model_round_trips_in_bounded_memory(tmp_path: Path) -> None:
     """The acceptance run: ~2 GB of fp32 Llama, 500 MB shards in and out."""
@@ -228,8 +265,6 @@ def test_a_two_gigabyte_model_round_trips_in_bounded_memory(tmp_path: Path) -> N
 def _batches_and_reference_loss(cfg, hf_dir: Path) -> float:
     """The first step's batches as a one-process run draws them (data parallel size 1, as in
     TP2 x PP2 on four processes), scored by the original model in transformers."""
-    from transformers import AutoModelForCausalLM
-
     from sci_scale.data.loader import MicroBatches
     from sci_scale.runtime.distributed import destroy_distributed
     from sci_scale.train.trainer import Trainer
@@ -239,18 +274,7 @@ def _batches_and_reference_loss(cfg, hf_dir: Path) -> float:
     source = MicroBatches(trainer.data.train, 0, cfg.train.micro_batch_size, 0, 1)
     batches = [next(source) for _ in range(trainer.num_microbatches)]
     destroy_distributed()
-    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for b in batches:
-            logits = reference(b["tokens"]).logits.double()
-            ce = torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), b["labels"].flatten(), reduction="none"
-            )
-            mask = b["loss_mask"].flatten().double()
-            total += float((ce * mask).sum())
-            count += float(mask.sum())
-    return total / count
+    return transformers_lm_loss(hf_dir, batches)
 
 
 @pytest.mark.slow

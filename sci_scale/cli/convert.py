@@ -7,6 +7,7 @@ transformers and torch load inside the handler, so that building the parser stay
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from sci_scale.cli.common import add_trust_argument
 
@@ -15,8 +16,12 @@ EXPORT_DTYPES = ("bf16", "fp16", "fp32", "keep")
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--ckpt", required=True, help="checkpoint directory (e.g. .../step_0000300)"
+        "checkpoint",
+        nargs="?",
+        help="checkpoint directory (e.g. RUN_DIR/checkpoints/step_0000300), or a run directory "
+        "(its latest checkpoint)",
     )
+    parser.add_argument("--ckpt", help="the same as CHECKPOINT")
     parser.add_argument("--out", required=True, help="Hugging Face model directory to write")
     parser.add_argument(
         "--dtype",
@@ -74,12 +79,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sci_scale.convert.export import sci_to_hf
-    from sci_scale.convert.safetensors_out import parse_shard_size
+    from sci_scale.convert.export import export_source, sci_to_hf
+    from sci_scale.convert.safetensors_out import ExportOptionError, parse_shard_size
 
+    if (args.checkpoint is None) == (args.ckpt is None):
+        raise ExportOptionError("name the checkpoint once: CHECKPOINT or --ckpt")
     parse_shard_size(args.max_shard_size)  # a clear error before anything is read
-    sci_to_hf(args.ckpt, args.out, args.dtype, args.max_shard_size)
-    print(f"Hugging Face model {args.out}")
+    ckpt = export_source(Path(args.checkpoint or args.ckpt))
+    sci_to_hf(ckpt, args.out, args.dtype, args.max_shard_size)
+    print(f"Hugging Face model {args.out} (from {ckpt})")
     return 0
 
 

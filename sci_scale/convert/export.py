@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from sci_scale.checkpoint.index import RUN_STATE, CheckpointError, latest_checkpoint
 from sci_scale.checkpoint.load import checkpoint_config, model_skeleton, single_process, vocab_rows
 from sci_scale.checkpoint.load import tokenizer_source as checkpoint_tokenizer_source
 from sci_scale.checkpoint.state import RunState
@@ -103,6 +104,22 @@ class _Exporter:
                     named["backbone.lm_head.weight"] = tensor  # the wrapper does not tie
             out = named
         return {k: v.to(dtype) for k, v in out.items()}
+
+
+def export_source(path: Path) -> Path:
+    """The checkpoint to export: ``path`` itself, or the latest checkpoint of a run directory
+    (``RUN_DIR`` or ``RUN_DIR/checkpoints``)."""
+    if (path / RUN_STATE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            log.info("exporting %s, the latest checkpoint of %s", latest.name, path)
+            return latest
+    raise CheckpointError(
+        f"{path} is not a checkpoint (no {RUN_STATE}) nor a run directory with one "
+        "(no checkpoints/latest)"
+    )
 
 
 def sci_to_hf(

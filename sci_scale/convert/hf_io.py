@@ -10,6 +10,7 @@ containers. Nothing in the directory is ever executed.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -30,6 +31,13 @@ def _numel(shape: list[int]) -> int:
     for n in shape:
         count *= n
     return count
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A legacy torch file, memory-mapped when it is a zip file (torch >= 1.6 wrote those), so
+    its tensors are read as they are used; read whole otherwise."""
+    mmap = zipfile.is_zipfile(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _unreadable(path: Path, exc: Exception) -> ModelFileError:
@@ -55,7 +63,7 @@ class HFWeights:
             paths = [hf_dir / BIN] if (hf_dir / BIN).is_file() else self._shards(BIN_INDEX)
             self._loaded = {}
             for path in paths:
-                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                loaded = _load_bin(path)
                 self._loaded.update(loaded)
                 self.files.update(dict.fromkeys(loaded, path))
         else:

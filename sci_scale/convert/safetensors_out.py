@@ -44,9 +44,10 @@ class ExportOptionError(UserError, ValueError):
 
 
 def parse_shard_size(size: str) -> int:
-    """'5GB', '500MB', '2GiB' (transformers' units) -> bytes; a clear error otherwise."""
+    """'5GB', '500MB', '2GiB' (transformers' units) or a number of bytes -> bytes; a clear
+    error otherwise."""
     try:
-        value = parse_size_to_int(size)
+        value = int(size) if size.strip().isdigit() else parse_size_to_int(size)
     except ValueError as exc:
         raise ExportOptionError(f"--max-shard-size {size!r}: {exc}") from None
     if value <= 0:
