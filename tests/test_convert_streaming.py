@@ -108,6 +108,39 @@ def test_import_reads_transformers_shards_tensor_by_tensor(tmp_path: Path) -> No
     assert diff is not None and diff <= TOLERANCE, diff
 
 
+@pytest.mark.slow
+def test_large_tensors_are_stored_in_pieces_that_load_at_any_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pieces of at most STORED_CHUNK_BYTES (here 8 KB): megatron loads them at TP=1, TP=2 and
+    PP=2 with transformers' logits, and the export gives every tensor back."""
+    from launchers import free_port
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from sci_scale.checkpoint import streaming
+
+    monkeypatch.setattr(streaming, "STORED_CHUNK_BYTES", 8192)
+    src = build_hf_model("qwen3", tmp_path / "hf")
+    ckpt = hf.hf_to_sci(src, tmp_path / "ckpt")
+    stored = FileSystemReader(str(ckpt / "model")).read_metadata().state_dict_metadata
+    embedding = stored["gpt.embedding.word_embeddings.weight"]
+    assert len(embedding.chunks) == 256 * 64 * 4 // 8192  # rows of 8 KB
+    assert len(stored["gpt.decoder.layers.mlp.linear_fc1.weight"].chunks) > 2 * 2
+    diff = hf.verify(ckpt, src)
+    assert diff is not None and diff <= TOLERANCE, diff
+    for pp in ("1", "2"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+             f"--master_port={free_port()}", "-m", "sci_scale", "convert", "verify",
+             "--ckpt", str(ckpt), "--hf", str(src), "--pp", pp],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0 and "(within tolerance" in proc.stdout, proc.stderr[-2000:]
+    exported = load_file(hf.sci_to_hf(ckpt, tmp_path / "out", dtype="keep") / "model.safetensors")
+    original = load_file(src / "model.safetensors")
+    assert all(torch.equal(exported[k], v) for k, v in original.items())
+
+
 def test_import_writes_a_config_to_continue_pretraining_from(
     llama: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -244,8 +277,10 @@ def test_a_two_gigabyte_model_round_trips_in_bounded_memory(tmp_path: Path) -> N
     assert figures["model_gb"] > 1.9
     assert figures["tensors_compared"] == 2 + 8 * 9 + 1 and figures["tensors_different"] == 0
     for step in ("import", "export"):
-        assert figures[f"{step}_peak_rss_gb"] < figures[f"{step}_bound_gb"], (step, figures)
-        assert figures[f"{step}_peak_rss_gb"] < figures["model_gb"]  # never the whole model
+        # the sampler's maximum and the kernel's high-water mark (which no sampling misses)
+        peak = max(figures[f"{step}_peak_rss_gb"], figures[f"{step}_reported_peak_gb"])
+        assert peak < figures[f"{step}_bound_gb"], (step, figures)
+        assert peak < figures["model_gb"] * 0.75  # far from holding the whole model
     out = tmp_path / "work" / "out"
     assert figures["export_files"] == len(list(out.glob("model-*-of-*.safetensors"))) >= 4
     assert all(p.stat().st_size <= 500_000_000 + 100_000 for p in out.glob("*.safetensors"))

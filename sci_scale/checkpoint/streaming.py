@@ -42,11 +42,18 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch import Tensor
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
-from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import (
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
 
 from sci_scale.checkpoint.safe_load import restricted_checkpoint_reads
 
 Produce = Callable[[str], Tensor]  # a parameter's state-dict name -> its whole (TP=1) tensor
+STORED_CHUNK_BYTES = 64 << 20  # the largest piece of a tensor stored as one chunk
 ChunkSource = tuple[str, int]  # (parameter name, number of prepended axes, e.g. the layer)
 
 
@@ -73,7 +80,7 @@ class _Chunks:
     def _param(self, name: str) -> Tensor:
         if self._last is None or self._last[0] != name:
             self._last = None  # drop the previous parameter before making the next
-            self._last = (name, self.produce(name).to(self.dtype))
+            self._last = (name, self.produce(name))
         return self._last[1]
 
     def __call__(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> Tensor:
@@ -82,15 +89,58 @@ class _Chunks:
         whole = self._param(name)
         window = tuple(slice(o, o + s) for o, s in zip(offsets[n:], sizes[n:], strict=True))
         chunk = whole[window]
-        if chunk.numel() != whole.numel():
+        if chunk.dtype != self.dtype:  # cast a piece at a time: the parameter is held once
+            chunk = chunk.to(self.dtype)
+        elif chunk.numel() != whole.numel():
             chunk = chunk.clone()  # a view would be written with its whole storage
         return chunk.reshape(sizes)
+
+
+def _split(item: WriteItem, max_bytes: int) -> list[WriteItem]:
+    """A tensor write request as pieces of at most ``max_bytes`` along its first axis longer
+    than one (rows of an embedding, of one layer's weight). Each piece is stored as a chunk of
+    its own, so a reader holds one piece at a time beside its target: torch's reader
+    deserialises a whole stored chunk before copying the part it needs, and a rank of a
+    tensor-parallel run reads only the pieces that overlap its shard."""
+    data = item.tensor_data
+    if item.type == WriteItemType.BYTE_IO or data is None:
+        return [item]
+    sizes, offsets = list(data.chunk.sizes), list(data.chunk.offsets)
+    element = torch.tensor([], dtype=data.properties.dtype).element_size()
+    total = element
+    for n in sizes:
+        total *= n
+    axis = next((i for i, n in enumerate(sizes) if n > 1), None)
+    if total <= max_bytes or axis is None:
+        return [item]
+    per_row = total // sizes[axis]
+    step = max(1, max_bytes // per_row)
+    pieces = []
+    for start in range(0, sizes[axis], step):
+        piece_offsets, piece_sizes = list(offsets), list(sizes)
+        piece_offsets[axis] += start
+        piece_sizes[axis] = min(step, sizes[axis] - start)
+        chunk = ChunkStorageMetadata(torch.Size(piece_offsets), torch.Size(piece_sizes))
+        pieces.append(
+            WriteItem(
+                index=MetadataIndex(item.index.fqn, piece_offsets),
+                type=item.type,
+                tensor_data=TensorWriteData(chunk, data.properties, data.size),
+            )
+        )
+    return pieces
 
 
 class _ProducingPlanner(MCoreSavePlanner):
     def __init__(self, chunks: _Chunks) -> None:
         super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False)
         self.chunks = chunks
+
+    def create_local_plan(self) -> SavePlan:
+        plan = super().create_local_plan()
+        items = [piece for item in plan.items for piece in _split(item, STORED_CHUNK_BYTES)]
+        self.plan = dataclasses.replace(plan, items=items)
+        return self.plan
 
     def resolve_data(self, write_item: WriteItem) -> Tensor | object:
         if write_item.type == WriteItemType.BYTE_IO or write_item.tensor_data is None:

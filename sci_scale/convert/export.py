@@ -97,9 +97,9 @@ class _Exporter:
         if self.fused:
             self.recipes.update(sci_branch_recipes(cfg.sci))
 
-    def hf(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def hf(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The HF tensors of some megatron tensors, named as the export's model class names
-        them, in ``dtype``."""
+        them (in the checkpoint's dtype: the writer casts them)."""
         out = hf_tensors(self.recipes, tensors)
         if self.fused:  # the backbone nested under ``backbone.``; the branch as it is
             named: dict[str, torch.Tensor] = {}
@@ -111,7 +111,7 @@ class _Exporter:
                 if name == "model.embed_tokens.weight" and self.cfg.model.tie_embeddings:
                     named["backbone.lm_head.weight"] = tensor  # the wrapper does not tie
             out = named
-        return {k: v.to(dtype) for k, v in out.items()}
+        return out
 
 
 def _check_mapped(skeleton: dict, recipes: dict[str, Recipe]) -> None:
@@ -174,15 +174,13 @@ def sci_to_hf(
         _check_mapped(skeleton, exporter.recipes)
         groups = list(_groups(names))
         layout = {  # planned group by group, as they are produced below: the same order
-            name: (tuple(t.shape), t.dtype)
+            name: (tuple(t.shape), target)
             for group in groups
-            for name, t in exporter.hf({n: skeleton[n].data for n in group}, target).items()
+            for name, t in exporter.hf({n: skeleton[n].data for n in group}).items()
         }
         writer = ShardedSafetensorsWriter(tmp, layout, max_bytes)
         for group in groups:
-            for name, tensor in exporter.hf(
-                load_group(skeleton, group, ckpt / "model"), target
-            ).items():
+            for name, tensor in exporter.hf(load_group(skeleton, group, ckpt / "model")).items():
                 writer.write(name, tensor)
         files = writer.finish()
     hf_config = _hf_config(cfg, state, ckpt, rows, exporter.fused, target)

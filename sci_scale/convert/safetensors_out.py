@@ -29,6 +29,7 @@ from huggingface_hub.serialization._base import parse_size_to_int
 from sci_scale.errors import UserError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+WRITE_BLOCK_BYTES = 64 << 20  # elements cast and written at a time
 DTYPE_NAMES = {
     torch.float32: "F32",
     torch.bfloat16: "BF16",
@@ -110,20 +111,25 @@ class ShardedSafetensorsWriter:
         return list(self.split.filename_to_tensors)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor, cast to its planned dtype a block at a time (a full-size
+        copy in the new dtype is never made)."""
         expected = self.order[self.next] if self.next < len(self.order) else None
         shape, dtype = self.layout.get(name, ((), None))
-        if name != expected or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+        if name != expected or tuple(tensor.shape) != shape:
             raise RuntimeError(
-                f"export produced {name} {tuple(tensor.shape)} {tensor.dtype}; the shard plan "
-                f"expected {expected} {shape} {dtype} next"
+                f"export produced {name} {tuple(tensor.shape)}; the shard plan expected "
+                f"{expected} {shape} next"
             )
         self.next += 1
         file = self.file_of[name]
         if file not in self.open:
             self.open[file] = open(self.directory / file, "wb")  # noqa: SIM115 (closed below)
             self.open[file].write(self.headers[file])
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        self.open[file].write(memoryview(data.numpy()))
+        flat = tensor.detach().contiguous().reshape(-1)
+        step = max(1, WRITE_BLOCK_BYTES // flat.element_size())
+        for start in range(0, flat.numel(), step):
+            block = flat[start : start + step].to(dtype).view(torch.uint8)
+            self.open[file].write(memoryview(block.numpy()))
         self.remaining[file] -= 1
         if self.remaining[file] == 0:
             handle = self.open.pop(file)
