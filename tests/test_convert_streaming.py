@@ -94,8 +94,16 @@ def test_default_export_is_one_bf16_file_with_a_model_card(
     assert "imported" in card and "| SCI branch | off |" in card
 
 
-def test_import_reads_transformers_shards_tensor_by_tensor(tmp_path: Path) -> None:
+def test_import_reads_transformers_shards_tensor_by_tensor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers' own sharded layout, large tensors read a block of rows at a time (here
+    blocks of 4 KB, so every matrix is read in several)."""
     from transformers import AutoModelForCausalLM
+
+    from sci_scale.convert import hf_io
+
+    monkeypatch.setattr(hf_io, "READ_BLOCK_BYTES", 4096)
 
     src = build_hf_model("qwen2", tmp_path / "one")
     sharded = tmp_path / "sharded"
