@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -52,9 +54,32 @@ from torch.distributed.checkpoint.planner import (
 
 from sci_scale.checkpoint.safe_load import restricted_checkpoint_reads
 
+log = logging.getLogger(__name__)
 Produce = Callable[[str], Tensor]  # a parameter's state-dict name -> its whole (TP=1) tensor
 STORED_CHUNK_BYTES = 64 << 20  # the largest piece of a tensor stored as one chunk
 ChunkSource = tuple[str, int]  # (parameter name, number of prepended axes, e.g. the layer)
+
+
+class Progress:
+    """A log line every ``every_s`` seconds (and at the end) of a long conversion: done/total
+    and bytes, so a 70B import or export shows it is moving."""
+
+    def __init__(self, total: int, what: str, every_s: float = 10.0) -> None:
+        self.total, self.what, self.every_s = total, what, every_s
+        self.done, self.bytes = 0, 0
+        self.start = self.last = time.perf_counter()
+
+    def advance(self, nbytes: int) -> None:
+        self.done += 1
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            rate = self.bytes / max(now - self.start, 1e-9) / 1e9
+            log.info(
+                "%d/%d %s, %.2f GB (%.2f GB/s)", self.done, self.total, self.what,
+                self.bytes / 1e9, rate,
+            )  # fmt: skip
 
 
 class _Chunks:
@@ -76,11 +101,13 @@ class _Chunks:
                     self.prepended[sh.key] = n
                     self.sources[(sh.key, tuple(sh.global_offset[:n]))] = (name, n)
         self._last: tuple[str, Tensor] | None = None
+        self.progress = Progress(len({name for name, _ in self.sources.values()}), "tensors")
 
     def _param(self, name: str) -> Tensor:
         if self._last is None or self._last[0] != name:
             self._last = None  # drop the previous parameter before making the next
             self._last = (name, self.produce(name))
+            self.progress.advance(self._last[1].nbytes)
         return self._last[1]
 
     def __call__(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> Tensor:

@@ -30,7 +30,7 @@ from sci_scale.checkpoint.index import RUN_STATE, CheckpointError, latest_checkp
 from sci_scale.checkpoint.load import checkpoint_config, model_skeleton, single_process, vocab_rows
 from sci_scale.checkpoint.load import tokenizer_source as checkpoint_tokenizer_source
 from sci_scale.checkpoint.state import RunState
-from sci_scale.checkpoint.streaming import load_group
+from sci_scale.checkpoint.streaming import Progress, load_group
 from sci_scale.config import Config
 from sci_scale.convert.hf_config import HF_CONFIG_FILE, hf_config_from_model, read_json
 from sci_scale.convert.model_card import model_card
@@ -179,9 +179,13 @@ def sci_to_hf(
             for name, t in exporter.hf({n: skeleton[n].data for n in group}).items()
         }
         writer = ShardedSafetensorsWriter(tmp, layout, max_bytes)
+        progress = Progress(len(groups), "groups (a layer, the embedding, ...) exported")
         for group in groups:
-            for name, tensor in exporter.hf(load_group(skeleton, group, ckpt / "model")).items():
+            tensors = exporter.hf(load_group(skeleton, group, ckpt / "model"))
+            for name, tensor in tensors.items():
                 writer.write(name, tensor)
+            progress.advance(sum(t.nbytes for t in tensors.values()))
+            del tensors
         files = writer.finish()
     hf_config = _hf_config(cfg, state, ckpt, rows, exporter.fused, target)
     _write_metadata(tmp, hf_config, exporter.fused, cfg, state)
