@@ -4,7 +4,7 @@ What the CPU suite proves by construction (devices, collectives, per-example att
 checked here on the device it was built for: everything sits on the GPU, bf16 compute tracks
 fp32, the SCI branch's per-example attention equals the dense mask on CUDA, and the flash kernel
 really serves both the backbone's and the SCI branch's attention (SDPA restricted to flash
-raises when it cannot).
+raises when it cannot); a Hugging Face conversion works where CUDA is visible.
 """
 
 from __future__ import annotations
@@ -102,3 +102,24 @@ def test_sci_attention_equals_dense_mask_on_cuda() -> None:
 def test_transformer_engine_path(cuda_train) -> None:
     result = cuda_train("train.steps=2", "model.transformer_impl=transformer_engine")
     assert len(result.history) == 2
+
+
+def test_conversion_round_trip_where_cuda_is_visible(tmp_path) -> None:
+    """Import, logits check and export on a GPU node (the process group on NCCL, the model on
+    the GPU): transformers' logits, and every tensor back bit for bit."""
+    from hf_models import build_hf_model
+    from safetensors.torch import load_file
+
+    from sci_scale.convert import hf
+
+    src = build_hf_model("qwen3", tmp_path / "hf")
+    ckpt = hf.hf_to_sci(src, tmp_path / "ckpt", tp=1)
+    diff = hf.verify(ckpt, src)
+    assert diff is not None and diff <= 1e-4, diff
+    out = hf.sci_to_hf(ckpt, tmp_path / "out", dtype="keep", max_shard_size="20KB")
+    original = load_file(src / "model.safetensors")
+    exported = {}
+    for path in out.glob("model-*.safetensors"):
+        exported.update(load_file(path))
+    assert set(exported) == set(original)
+    assert all(torch.equal(exported[k], v) for k, v in original.items())
