@@ -220,6 +220,15 @@ def test_special_tokens_and_chat_template_survive_the_export(tmp_path: Path) -> 
     assert ours.eos_token == "</s>" and ours.bos_token == "<s>"
 
 
+def test_the_backbones_generation_settings_survive_the_export(tmp_path: Path) -> None:
+    src = build_hf_model("llama", tmp_path / "src")
+    generation = {"bos_token_id": 1, "eos_token_id": [2, 3], "do_sample": True,
+                  "temperature": 0.6, "top_p": 0.9}  # fmt: skip
+    (src / "generation_config.json").write_text(json.dumps(generation))
+    out = hf.sci_to_hf(hf.hf_to_sci(src, tmp_path / "ckpt"), tmp_path / "out")
+    assert json.loads((out / "generation_config.json").read_text()) == generation
+
+
 def test_export_options_are_checked_before_anything_is_read(
     llama: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -359,6 +368,11 @@ def test_continued_pretraining_at_tp2_pp2_from_hf_and_back(tmp_path: Path) -> No
     assert main(["export", "--ckpt", str(final), "--out", str(out), "--dtype", "keep"]) == 0
     diff = hf.verify(final, out, trust_remote_code=True)
     assert diff is not None and diff <= TOLERANCE, diff
+    # The backbone's ids and settings, found through the run's tokenizer (its HF directory).
+    config = json.loads((out / "config.json").read_text())
+    assert config["backbone"]["eos_token_id"] == 2 and config["backbone"]["bos_token_id"] == 1
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 2 and generation["use_cache"] is False
     card = (out / "README.md").read_text()
     assert "| training steps | 2 |" in card and "joint, fused" in card
     assert f"`{ckpt.resolve()}`" in card  # started from the import

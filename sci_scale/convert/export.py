@@ -32,7 +32,12 @@ from sci_scale.checkpoint.load import tokenizer_source as checkpoint_tokenizer_s
 from sci_scale.checkpoint.state import RunState
 from sci_scale.checkpoint.streaming import Progress, load_group
 from sci_scale.config import Config
-from sci_scale.convert.hf_config import HF_CONFIG_FILE, hf_config_from_model, read_json
+from sci_scale.convert.hf_config import (
+    ARCHITECTURES,
+    HF_CONFIG_FILE,
+    hf_config_from_model,
+    read_json,
+)
 from sci_scale.convert.model_card import model_card
 from sci_scale.convert.safetensors_out import (
     ExportOptionError,
@@ -53,7 +58,10 @@ from sci_scale.model.shapes import padded_vocab_size
 
 log = logging.getLogger(__name__)
 
-ORIGINAL_HF_CONFIG = "hf_config.json"  # kept beside an imported checkpoint for the export
+# The backbone's config.json and generation_config.json, kept beside an imported checkpoint.
+ORIGINAL_HF_CONFIG = "hf_config.json"
+ORIGINAL_GENERATION_CONFIG = "hf_generation_config.json"
+GENERATION_CONFIG = "generation_config.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXPORT_DTYPES = (*DTYPES, "keep")
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' default
@@ -188,7 +196,7 @@ def sci_to_hf(
             del tensors
         files = writer.finish()
     hf_config = _hf_config(cfg, state, ckpt, rows, exporter.fused, target)
-    _write_metadata(tmp, hf_config, exporter.fused, cfg, state)
+    _write_metadata(tmp, hf_config, exporter.fused, cfg, state, ckpt)
     imported = (ckpt / ORIGINAL_HF_CONFIG).is_file() and state.step == 0
     (tmp / "README.md").write_text(model_card(ckpt, cfg, state, hf_config, writer, imported))
     if out.exists():
@@ -214,11 +222,26 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def _original(ckpt: Path, cfg: Config, state: RunState, kept: str, name: str) -> Any:
+    """One of the backbone's own JSON files: kept beside an imported checkpoint, else in the
+    Hugging Face directory the run's tokenizer comes from (a continued-pretraining run, whose
+    checkpoints descend from an import); None for a model sci-scale trained from scratch."""
+    if (ckpt / kept).is_file():
+        return read_json(ckpt / kept)
+    source = checkpoint_tokenizer_source(cfg, state)
+    if source is not None and (source / name).is_file():
+        found = read_json(source / name)
+        if name != HF_CONFIG_FILE or any(
+            a in ARCHITECTURES for a in found.get("architectures", [])
+        ):
+            return found
+    return None
+
+
 def _hf_config(
     cfg: Config, state: RunState, ckpt: Path, rows: int, fused: bool, dtype: torch.dtype
 ) -> dict[str, Any]:
-    template_path = ckpt / ORIGINAL_HF_CONFIG
-    template = read_json(template_path) if template_path.is_file() else None
+    template = _original(ckpt, cfg, state, ORIGINAL_HF_CONFIG, HF_CONFIG_FILE)
     hf_config = hf_config_from_model(cfg.model, rows, template, _dtype_name(dtype))
     if template is None:  # a model sci-scale trained: its sentencepiece tokenizer's ids
         hf_config.update(_special_ids(checkpoint_tokenizer_source(cfg, state)))
@@ -228,19 +251,28 @@ def _hf_config(
 
 
 def _write_metadata(
-    directory: Path, hf_config: dict[str, Any], fused: bool, cfg: Config, state: RunState
+    directory: Path,
+    hf_config: dict[str, Any],
+    fused: bool,
+    cfg: Config,
+    state: RunState,
+    ckpt: Path,
 ) -> None:
     if fused:
         shutil.copyfile(REMOTE_MODEL_FILE, directory / REMOTE_MODEL_FILE.name)
     (directory / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    generation: dict[str, Any] = {
-        k: hf_config[k]
+    ids = hf_config.get("backbone", hf_config)
+    # The backbone's own generation settings (eos lists, sampling defaults) when there are any.
+    generation: dict[str, Any] = _original(
+        ckpt, cfg, state, ORIGINAL_GENERATION_CONFIG, GENERATION_CONFIG
+    ) or {
+        k: ids[k]
         for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-        if hf_config.get(k) is not None
+        if ids.get(k) is not None
     }
     if fused:  # the branch reads the whole sequence at every step: no KV cache
         generation["use_cache"] = False
-    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (directory / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
     _copy_tokenizer(checkpoint_tokenizer_source(cfg, state), directory)
 
 

@@ -32,7 +32,13 @@ from sci_scale.checkpoint.manager import load_weights, write_weights
 from sci_scale.checkpoint.state import RunState
 from sci_scale.checkpoint.streaming import save_streaming
 from sci_scale.config import Config, config_from_dict, config_to_dict, save_config, validate
-from sci_scale.convert.export import ORIGINAL_HF_CONFIG, peak_rss_gb, sci_to_hf
+from sci_scale.convert.export import (
+    GENERATION_CONFIG,
+    ORIGINAL_GENERATION_CONFIG,
+    ORIGINAL_HF_CONFIG,
+    peak_rss_gb,
+    sci_to_hf,
+)
 from sci_scale.convert.hf_config import (
     HF_CONFIG_FILE,
     UnsupportedModelError,
@@ -162,6 +168,8 @@ def hf_to_sci(
             lambda d: save_streaming(skeleton, d, produce, DTYPES[cfg.model.params_dtype]),
         )
     shutil.copyfile(hf_dir / HF_CONFIG_FILE, out / ORIGINAL_HF_CONFIG)
+    if (hf_dir / GENERATION_CONFIG).is_file():
+        shutil.copyfile(hf_dir / GENERATION_CONFIG, out / ORIGINAL_GENERATION_CONFIG)
     save_config(continue_config(cfg, out), out / CONTINUE_CONFIG)
     log.info(
         "imported %s (%s, %d layers, %.1fM parameters) -> %s in %.1fs, peak memory %.2f GB",
