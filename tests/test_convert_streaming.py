@@ -220,6 +220,26 @@ def test_special_tokens_and_chat_template_survive_the_export(tmp_path: Path) -> 
     assert ours.eos_token == "</s>" and ours.bos_token == "<s>"
 
 
+def test_a_failed_export_leaves_the_previous_one_whole(
+    llama: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from sci_scale.checkpoint.index import CheckpointError
+
+    out = hf.sci_to_hf(llama["ckpt"], tmp_path / "out", dtype="keep")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    damaged = tmp_path / "damaged"
+    shutil.copytree(llama["ckpt"], damaged)
+    shard = next((damaged / "model").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="distcp"):
+        hf.sci_to_hf(damaged, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_the_backbones_generation_settings_survive_the_export(tmp_path: Path) -> None:
     src = build_hf_model("llama", tmp_path / "src")
     generation = {"bos_token_id": 1, "eos_token_id": [2, 3], "do_sample": True,

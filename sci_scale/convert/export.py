@@ -199,9 +199,7 @@ def sci_to_hf(
     _write_metadata(tmp, hf_config, exporter.fused, cfg, state, ckpt)
     imported = (ckpt / ORIGINAL_HF_CONFIG).is_file() and state.step == 0
     (tmp / "README.md").write_text(model_card(ckpt, cfg, state, hf_config, writer, imported))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    _replace(out, tmp)
     log.info(
         "exported %s -> %s: %.1fM parameters in %d file(s), %s, %.1fs, peak memory %.2f GB",
         ckpt,
@@ -213,6 +211,20 @@ def sci_to_hf(
         peak_rss_gb(),
     )
     return out
+
+
+def _replace(out: Path, new: Path) -> None:
+    """Put the complete export ``new`` at ``out``; a previous export there stays whole until
+    the new one is in place."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = out.with_name(f".old-{out.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old)
 
 
 def peak_rss_gb() -> float:
