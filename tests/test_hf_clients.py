@@ -292,6 +292,34 @@ def test_fused_export_generates_with_remote_code(fused_export: Path) -> None:
     assert torch.equal(first, second)
 
 
+def test_fused_export_left_padded_batch_scores_each_row_as_alone(fused_export: Path) -> None:
+    """Batched generation pads on the left: a padded row's logits (backbone and SCI branch:
+    padding never attended to, positions counted from its first token) equal the row's alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        fused_export, trust_remote_code=True, dtype=torch.float32
+    )
+    tok = AutoTokenizer.from_pretrained(fused_export, trust_remote_code=True)
+    tok.padding_side = "left"
+    texts = ["walk twice and jump left after run", "jump"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    assert int(batch.attention_mask[1].sum()) < batch.input_ids.shape[1]  # row 1 is padded
+    inputs = model.prepare_inputs_for_generation(**batch)
+    with torch.no_grad():
+        padded = model(**inputs).logits
+        for row, text in enumerate(texts):
+            alone = tok([text], return_tensors="pt")
+            logits = model(**model.prepare_inputs_for_generation(**alone)).logits[0]
+            kept = batch.attention_mask[row].bool()
+            assert torch.allclose(padded[row][kept], logits, atol=1e-5), row
+    greedy = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    for row, text in enumerate(texts):
+        alone = model.generate(**tok([text], return_tensors="pt"), max_new_tokens=3,
+                               min_new_tokens=3, do_sample=False)  # fmt: skip
+        assert torch.equal(greedy[row, -3:], alone[0, -3:]), row
+
+
 def test_fused_export_generate_is_greedy_decoding_of_its_own_forward(fused_export: Path) -> None:
     """``generate`` (with its key/value cache, as users call it) sees at each step the logits of
     the model's full forward pass over the whole text: the SCI branch must see all of it too.

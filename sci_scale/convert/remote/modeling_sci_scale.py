@@ -86,13 +86,24 @@ class SciBranch(nn.Module):
         self.proj_out = nn.Linear(hidden, backbone_hidden, bias=False)
         self.gate = nn.Parameter(torch.zeros(backbone_hidden))
 
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``attention_mask`` (1 = token, 0 = padding, as transformers passes it): padding is
+        never attended to and positions count real tokens only, so a left-padded row of a batch
+        computes what it computes alone."""
         x = self.proj_in(embeddings)
         b, s, _ = x.shape
-        positions = torch.arange(s, device=x.device).expand(b, s)
-        cos_sin = self.rotary(x, positions)
-        causal = torch.full((s, s), torch.finfo(x.dtype).min, device=x.device).triu(1)
+        low = torch.finfo(x.dtype).min
+        causal = torch.full((s, s), low, device=x.device).triu(1)
         mask = causal[None, None].expand(b, 1, s, s)
+        if attention_mask is None:
+            positions = torch.arange(s, device=x.device).expand(b, s)
+        else:
+            keep = attention_mask.to(x.device).bool()
+            positions = (keep.long().cumsum(-1) - 1).clamp_min(0)
+            mask = mask.masked_fill(~keep[:, None, None, :], low)
+        cos_sin = self.rotary(x, positions)
         for layer in self.layers:
             out = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
             x = out[0] if isinstance(out, tuple) else out
@@ -134,13 +145,17 @@ class SciScaleForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        inputs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+        if attention_mask is not None:  # positions of a left-padded row start at its text
+            inputs["attention_mask"] = attention_mask
+            inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        return inputs
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         kwargs.pop("past_key_values", None)
         kwargs["use_cache"] = False
         embeddings = self.backbone.get_input_embeddings()(input_ids)
-        self._fusion = self.sci(embeddings)
+        self._fusion = self.sci(embeddings, kwargs.get("attention_mask"))
         try:
             return self.backbone(input_ids=input_ids, **kwargs)
         finally:
