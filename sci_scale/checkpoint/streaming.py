@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -57,7 +58,6 @@ from sci_scale.checkpoint.safe_load import restricted_checkpoint_reads
 log = logging.getLogger(__name__)
 Produce = Callable[[str], Tensor]  # a parameter's state-dict name -> its whole (TP=1) tensor
 STORED_CHUNK_BYTES = 64 << 20  # the largest piece of a tensor stored as one chunk
-ChunkSource = tuple[str, int]  # (parameter name, number of prepended axes, e.g. the layer)
 
 
 class Progress:
@@ -92,16 +92,17 @@ class _Chunks:
 
     def __init__(self, skeleton: dict, produce: Produce, dtype: torch.dtype) -> None:
         self.produce, self.dtype = produce, dtype
-        self.sources: dict[tuple[str, tuple[int, ...]], ChunkSource] = {}
+        # (checkpoint key, offsets on the prepended axes: the layer) -> parameter name
+        self.sources: dict[tuple[str, tuple[int, ...]], str] = {}
         self.prepended: dict[str, int] = {}
         for name, value in skeleton.items():
             for sh in value if isinstance(value, list) else [value]:
                 if isinstance(sh, ShardedTensor):
                     n = sh.prepend_axis_num
                     self.prepended[sh.key] = n
-                    self.sources[(sh.key, tuple(sh.global_offset[:n]))] = (name, n)
+                    self.sources[(sh.key, tuple(sh.global_offset[:n]))] = name
         self._last: tuple[str, Tensor] | None = None
-        self.progress = Progress(len({name for name, _ in self.sources.values()}), "tensors")
+        self.progress = Progress(len(set(self.sources.values())), "tensors")
 
     def _param(self, name: str) -> Tensor:
         if self._last is None or self._last[0] != name:
@@ -112,7 +113,7 @@ class _Chunks:
 
     def __call__(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> Tensor:
         n = self.prepended[key]
-        name, _ = self.sources[(key, tuple(offsets[:n]))]
+        name = self.sources[(key, tuple(offsets[:n]))]
         whole = self._param(name)
         window = tuple(slice(o, o + s) for o, s in zip(offsets[n:], sizes[n:], strict=True))
         chunk = whole[window]
@@ -133,10 +134,7 @@ def _split(item: WriteItem, max_bytes: int) -> list[WriteItem]:
     if item.type == WriteItemType.BYTE_IO or data is None:
         return [item]
     sizes, offsets = list(data.chunk.sizes), list(data.chunk.offsets)
-    element = torch.tensor([], dtype=data.properties.dtype).element_size()
-    total = element
-    for n in sizes:
-        total *= n
+    total = math.prod(sizes) * data.properties.dtype.itemsize
     axis = next((i for i, n in enumerate(sizes) if n > 1), None)
     if total <= max_bytes or axis is None:
         return [item]
@@ -204,6 +202,11 @@ class _StreamingStrategy(TorchDistSaveShardedStrategy):
 
     def async_save(self, *args: object, **kwargs: object):  # type: ignore[override]
         raise NotImplementedError("a streaming save is synchronous")
+
+
+def weight_names(skeleton: dict) -> list[str]:
+    """The parameters of a sharded state dict, in order (not the extra-state objects)."""
+    return [name for name, value in skeleton.items() if not isinstance(value, ShardedObject)]
 
 
 def save_streaming(

@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from sci_scale.checkpoint.index import RUN_STATE, CheckpointError, latest_checkpoint
 from sci_scale.checkpoint.load import checkpoint_config, model_skeleton, single_process, vocab_rows
 from sci_scale.checkpoint.load import tokenizer_source as checkpoint_tokenizer_source
 from sci_scale.checkpoint.state import RunState
-from sci_scale.checkpoint.streaming import Progress, load_group
+from sci_scale.checkpoint.streaming import Progress, load_group, weight_names
 from sci_scale.config import Config
 from sci_scale.convert.hf_config import (
     ARCHITECTURES,
@@ -45,9 +44,8 @@ from sci_scale.convert.safetensors_out import (
     parse_shard_size,
 )
 from sci_scale.convert.weights import (
-    MEGATRON_PREFIX,
     Recipe,
-    WeightMappingError,
+    check_model_names,
     hf_tensors,
     model_recipes,
     sci_branch_recipes,
@@ -122,20 +120,6 @@ class _Exporter:
         return out
 
 
-def _check_mapped(skeleton: dict, recipes: dict[str, Recipe]) -> None:
-    """Every backbone weight has a place in the export and every recipe a weight: nothing is
-    dropped silently (the SCI branch's training-only parts are not exported by design)."""
-    weights = {n for n, v in skeleton.items() if not isinstance(v, ShardedObject)}
-    unmapped = sorted(n for n in weights - set(recipes) if n.startswith(MEGATRON_PREFIX))
-    absent = sorted(set(recipes) - weights)
-    if unmapped or absent:
-        raise WeightMappingError(
-            f"the export has no Hugging Face name for {unmapped[:5]}"
-            if unmapped
-            else f"the model has no weight {absent[:5]} that the export maps"
-        )
-
-
 def export_source(path: Path) -> Path:
     """The checkpoint to export: ``path`` itself, or the latest checkpoint of a run directory
     (``RUN_DIR`` or ``RUN_DIR/checkpoints``)."""
@@ -179,7 +163,7 @@ def sci_to_hf(
     with single_process():
         skeleton = model_skeleton(cfg, rows)
         names = [n for n in skeleton if n in exporter.recipes]
-        _check_mapped(skeleton, exporter.recipes)
+        check_model_names(weight_names(skeleton), exporter.recipes)
         groups = list(_groups(names))
         layout = {  # planned group by group, as they are produced below: the same order
             name: (tuple(t.shape), target)

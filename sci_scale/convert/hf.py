@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from sci_scale.checkpoint.load import (
     checkpoint_config,
@@ -30,9 +29,10 @@ from sci_scale.checkpoint.load import (
 )
 from sci_scale.checkpoint.manager import load_weights, write_weights
 from sci_scale.checkpoint.state import RunState
-from sci_scale.checkpoint.streaming import save_streaming
+from sci_scale.checkpoint.streaming import save_streaming, weight_names
 from sci_scale.config import Config, config_from_dict, config_to_dict, save_config, validate
 from sci_scale.convert.export import (
+    DTYPES,
     GENERATION_CONFIG,
     ORIGINAL_GENERATION_CONFIG,
     ORIGINAL_HF_CONFIG,
@@ -49,6 +49,7 @@ from sci_scale.convert.hf_io import HFWeights
 from sci_scale.convert.weights import (
     WeightMappingError,
     check_hf_names,
+    check_model_names,
     megatron_tensor,
     model_recipes,
 )
@@ -61,7 +62,6 @@ from sci_scale.runtime.distributed import destroy_distributed, init_distributed,
 __all__ = ["hf_logits", "hf_to_sci", "import_config", "sci_to_hf", "verify"]
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONTINUE_CONFIG = "continue.yaml"  # written beside an import: the config to train from it
 
 
@@ -153,10 +153,8 @@ def hf_to_sci(
     state = RunState(0, 0, 1, config_to_dict(cfg), identity)
     with single_process():
         skeleton = model_skeleton(cfg, rows)
-        tensors = [n for n, v in skeleton.items() if not isinstance(v, ShardedObject)]
-        unmapped = [n for n in tensors if n not in recipes]
-        if unmapped:  # a parameter of the sci-scale model that no HF tensor fills
-            raise WeightMappingError(f"no Hugging Face tensor maps to {', '.join(unmapped[:5])}")
+        tensors = weight_names(skeleton)
+        check_model_names(tensors, recipes)
         parameters = sum(skeleton[n].data.numel() for n in tensors)
 
         def produce(name: str) -> torch.Tensor:

@@ -23,14 +23,6 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 READ_BLOCK_BYTES = 64 << 20  # rows of a large tensor read per opening of its file
-_ITEM_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "U8": 1, "I8": 1}
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -109,8 +101,8 @@ class HFWeights:
                 part = f.get_slice(name)
                 shape = part.get_shape()
                 rows = shape[0] if shape else 0
-                row_bytes = _numel(shape[1:]) * _ITEM_BYTES.get(part.get_dtype(), 4)
-                if not shape or rows * row_bytes <= READ_BLOCK_BYTES:
+                row_bytes = part[0:1].nbytes if rows else 0
+                if rows * row_bytes <= READ_BLOCK_BYTES:
                     return f.get_tensor(name)
                 step = max(1, READ_BLOCK_BYTES // max(1, row_bytes))
                 first = part[0:step]

@@ -17,6 +17,7 @@ dropped. The files are read back by ``safetensors.safe_open`` in the tests and b
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -57,10 +58,7 @@ def parse_shard_size(size: str) -> int:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count * torch.tensor([], dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 class ShardedSafetensorsWriter:

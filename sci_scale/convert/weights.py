@@ -198,6 +198,21 @@ def check_hf_names(recipes: dict[str, Recipe], available: set[str], where: str) 
         )
 
 
+def check_model_names(weights: list[str], recipes: dict[str, Recipe]) -> None:
+    """Every backbone weight of the sci-scale model has a recipe and every recipe a weight:
+    neither direction leaves a weight random or drops one silently (the SCI branch's
+    training-only parts, which no export carries, are the one exception by design)."""
+    unmapped = sorted(n for n in set(weights) - set(recipes) if n.startswith(MEGATRON_PREFIX))
+    if unmapped:
+        raise WeightMappingError(
+            f"no Hugging Face tensor maps to {', '.join(unmapped[:5])}"
+            f"{' ...' if len(unmapped) > 5 else ''}"
+        )
+    absent = sorted(set(recipes) - set(weights))
+    if absent:
+        raise WeightMappingError(f"the model has no weight {', '.join(absent[:5])}")
+
+
 def megatron_tensor(recipe: Recipe, read: Callable[[str], Tensor]) -> Tensor:
     """One megatron tensor, its HF parts read one by one."""
     return recipe.merge([read(name) for name in recipe.hf])

@@ -196,16 +196,14 @@ class SCIGPTModel(MegatronModule):
             self._build(cfg, config, impl, vocab_size, pre_process, post_process, vp_stage)
         # The SCI contribution waiting for the fusion layer's pre-hook, within one forward.
         self._pending: tuple[SCIContribution, float] | None = None
-        if device.type == "meta":  # shapes and checkpoint keys only (conversion plans)
-            self.apply_mode()
-            return
-        check_constant_vectors(self)
-        initialize_layout_independent(
-            self,
-            seed=cfg.train.seed,
-            std=cfg.model.init_method_std,
-            layers={f"{SCI_ATTRIBUTE}.": cfg.sci.num_layers, "": cfg.model.num_layers},
-        )
+        if device.type != "meta":  # meta: shapes and checkpoint keys only (conversion plans)
+            check_constant_vectors(self)
+            initialize_layout_independent(
+                self,
+                seed=cfg.train.seed,
+                std=cfg.model.init_method_std,
+                layers={f"{SCI_ATTRIBUTE}.": cfg.sci.num_layers, "": cfg.model.num_layers},
+            )
         self.apply_mode()
 
     def _build(
